@@ -337,7 +337,9 @@ def staging_directory(target: str | os.PathLike[str]) -> Path:
     """A fresh temporary directory beside ``target`` (same filesystem, so rename is atomic)."""
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes 0700; the bundle is mounted read-only for a non-root user
+    return staging
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -350,6 +352,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; bundles/plans are read by other users (containers)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,233 @@
+"""checkpoint -> merged model -> three ONNX graphs -> verified, self-describing bundle.
+
+Everything is written into a staging directory beside the target and renamed into place
+only after verification passed, so a failed or interrupted build never leaves a
+half-written bundle (and never clobbers a good one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from engines.bundle import (
+    Manifest,
+    ModelInfo,
+    PartSpec,
+    Preprocessing,
+    SourceInfo,
+    TokenizerInfo,
+    commit_directory,
+    sha256_file,
+    staging_directory,
+    write_manifest,
+)
+from export import onnx_export, verify
+from export.split import split_model
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS: tuple[tuple[str, ...], ...] = (
+    ("person",),
+    ("a cup of coffee", "spoon", "table", "saucer"),
+    ("cat",),
+    ("a photo of a cat", "dog"),
+)
+DEFAULT_DECODER_MAX_BATCH = 8
+
+
+class BuildError(RuntimeError):
+    """A build step failed; the message is the one-line reason shown to the user."""
+
+
+@dataclass
+class BuildOptions:
+    name: str
+    source: SourceInfo
+    bounds: verify.ParityBounds = field(default_factory=verify.ParityBounds)
+    decoder_max_batch: int = DEFAULT_DECODER_MAX_BATCH
+    prompts: Sequence[Sequence[str]] = DEFAULT_PROMPTS
+    fp16_check: bool = True
+    progress: Callable[[str], None] = lambda stage: None
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """Content hash of a part's weights (names, shapes, values), independent of the file.
+
+    Lets the runtime see that two bundles (e.g. LoRA fine-tunes touching only the decoder)
+    share an image encoder, and so can share its engine and embedding cache.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _part_weights(model, part: str) -> dict[str, nn.Module]:
+    """Modules whose weights each graph uses (shared-encoder detection)."""
+    if part == "image_encoder":
+        return {"vision_encoder": model.vision_encoder, "geometry_encoder": model.geometry_encoder}
+    if part == "text_encoder":
+        return {"text_encoder": model.text_encoder, "text_projection": model.text_projection}
+    return {name: getattr(model, name) for name in
+            ("detr_encoder", "detr_decoder", "mask_decoder", "dot_product_scoring", "geometry_encoder")}
+
+
+def _hash_part(model, part: str) -> str:
+    wrapper = nn.ModuleDict(_part_weights(model, part))
+    return weights_sha256(wrapper)
+
+
+def _count(model, part: str) -> int:
+    seen: set[int] = set()
+    total = 0
+    for module in _part_weights(model, part).values():
+        for param in module.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel()
+    return total
+
+
+def model_info(model) -> ModelInfo:
+    config = model.config
+    vision = config.vision_config
+    mask_h, mask_w = vision.backbone_feature_sizes[0]
+    return ModelInfo(
+        architecture="sam3",
+        image_size=int(vision.image_size),
+        patch_size=int(vision.backbone_config.patch_size),
+        hidden_size=int(config.detr_encoder_config.hidden_size),
+        num_queries=int(config.detr_decoder_config.num_queries),
+        mask_size=(int(mask_h), int(mask_w)),
+        parameters={part: _count(model, part) for part in ("image_encoder", "text_encoder", "decoder")},
+        config=config.to_dict(),
+    )
+
+
+def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
+    """Export, verify and atomically write the bundle for an in-memory ``Sam3Model``."""
+    from engines.preprocess import to_pixel_values
+    from engines.tokenizer import PromptTokenizer
+    from export.tokenizer import write_tokenizer_json
+
+    model.eval()
+    out = Path(out)
+    staging = staging_directory(out)
+    timings: dict[str, float] = {}
+    try:
+        options.progress("tokenizer")
+        tokenizer_info = TokenizerInfo(**write_tokenizer_json(staging / "tokenizer.json"))
+        preprocessing = Preprocessing(image_size=int(model.config.vision_config.image_size))
+
+        parts = split_model(model)
+        paths = {name: staging / f"{name}.onnx" for name in parts}
+        examples = {name: onnx_export.example_inputs(name, model) for name in parts}
+        for name, module in parts.items():
+            options.progress(f"export {name}")
+            started = time.perf_counter()
+            onnx_export.export_part(name, module, examples[name], paths[name])
+            timings[f"export_{name}_s"] = round(time.perf_counter() - started, 2)
+
+        options.progress("verify parity")
+        started = time.perf_counter()
+        tokenizer = PromptTokenizer(staging / "tokenizer.json", tokenizer_info)
+        cases = verify.build_cases(verify.sample_photos(), lambda px: to_pixel_values(px, preprocessing),
+                                   tokenizer.encode, options.prompts)
+        part_inputs = _verification_inputs(parts, cases)
+        parity_parts = verify.part_parity(parts, paths, part_inputs)
+        e2e = verify.end_to_end_parity(model, paths, cases)
+        summary = verify.summarize(e2e)
+        timings["verify_s"] = round(time.perf_counter() - started, 2)
+        verify.check_bounds(summary, options.bounds)
+
+        options.progress("op audit")
+        audit = verify.op_audit(paths)
+        fp16: dict[str, Any] = {}
+        if options.fp16_check:
+            options.progress("fp16 range")
+            started = time.perf_counter()
+            fp16 = verify.fp16_range(parts, paths, part_inputs)
+            timings["fp16_check_s"] = round(time.perf_counter() - started, 2)
+        pinned = verify.fp32_layers(fp16) if fp16 else {}
+
+        specs = {}
+        for name in parts:
+            inputs, outputs = onnx_export.tensor_specs(paths[name])
+            spec = PartSpec(
+                name=name,
+                file=paths[name].name,
+                sha256=sha256_file(paths[name]),
+                weights_sha256=_hash_part(model, name),
+                inputs=inputs,
+                outputs=outputs,
+                fp32_layers=tuple(pinned.get(name, ())),
+                external_data=onnx_export.external_data_files(paths[name]),
+                max_batch=options.decoder_max_batch if name == "decoder" else 1,
+            )
+            onnx_export.check_contract(spec)
+            specs[name] = spec
+
+        manifest = Manifest(
+            name=options.name,
+            model=model_info(model),
+            preprocessing=preprocessing,
+            tokenizer=tokenizer_info,
+            parts=specs,
+            source=options.source,
+            parity={"bounds": vars(options.bounds), "summary": summary, "parts": parity_parts, "end_to_end": e2e},
+            fp16_range=fp16,
+            op_audit=audit,
+            export=_export_info(timings),
+        )
+        write_manifest(staging, manifest)
+        options.progress("commit")
+        commit_directory(staging, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _verification_inputs(parts: dict[str, nn.Module], cases: Sequence[verify.PromptCase]) -> dict[str, tuple]:
+    """Per-part inputs from the first real photo (decoder fed the real encoder outputs)."""
+    case = max(cases, key=lambda c: c.input_ids.shape[0])
+    with torch.no_grad():
+        image = parts["image_encoder"](case.pixel_values)
+        text = parts["text_encoder"](case.input_ids, case.attention_mask)
+    return {
+        "image_encoder": (case.pixel_values,),
+        "text_encoder": (case.input_ids, case.attention_mask),
+        "decoder": (*image, text, case.attention_mask),
+    }
+
+
+def _export_info(timings: dict[str, float]) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "opset": onnx_export.OPSET,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "timings": timings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
