@@ -1,0 +1,172 @@
+"""Decoder outputs -> detections, and detections -> the JSON document the CLI and server return.
+
+Semantics are transformers' ``Sam3ImageProcessor.post_process_instance_segmentation``
+(``image_processing_sam3.py``): score = sigmoid(logit) * sigmoid(presence); keep score >
+threshold; boxes (normalised xyxy) times (W, H, W, H), not clipped; masks = sigmoid(mask logits)
+resized bilinearly (align_corners=False, no antialias) to the original size, then > mask_threshold.
+transformers neither sorts nor caps the count; we sort by descending score and apply
+``max_detections`` *before* resizing, so at most that many masks are ever upsampled.
+(Meta's own processor differs slightly: it resizes the logits and then applies sigmoid > 0.5.)
+
+The resize is OpenCV ``INTER_LINEAR`` on float32, which uses the same half-pixel mapping and edge
+clamping as ``F.interpolate(mode="bilinear", align_corners=False)``; tests compare the masks.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from engines.errors import InvalidOption
+from engines.types import Detection, PromptResult
+
+MASK_FORMATS = ("rle", "png", "polygon", "none")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def _check_threshold(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise InvalidOption(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def postprocess(
+    pred_masks: np.ndarray,
+    pred_boxes: np.ndarray,
+    pred_logits: np.ndarray,
+    presence_logit: np.ndarray | float,
+    original_size: tuple[int, int],
+    *,
+    score_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    max_detections: int | None = None,
+    with_masks: bool = True,
+) -> tuple[Detection, ...]:
+    """Detections of one prompt: masks [Q, h, w] logits, boxes [Q, 4], logits [Q], presence [1]."""
+    score_threshold = _check_threshold("score_threshold", score_threshold)
+    mask_threshold = _check_threshold("mask_threshold", mask_threshold)
+    if max_detections is not None and int(max_detections) < 0:
+        raise InvalidOption(f"max_detections must be >= 0, got {max_detections}")
+    height, width = (int(v) for v in original_size)
+    logits = np.asarray(pred_logits, dtype=np.float32).reshape(-1)
+    boxes = np.asarray(pred_boxes, dtype=np.float32).reshape(-1, 4)
+    presence = np.asarray(presence_logit, dtype=np.float32).reshape(-1)
+    if presence.size != 1 or boxes.shape[0] != logits.shape[0]:
+        raise ValueError(f"inconsistent decoder outputs: logits {logits.shape}, boxes {boxes.shape}, presence {presence.shape}")
+
+    scores = _sigmoid(logits) * _sigmoid(presence)[0]
+    keep = np.flatnonzero(scores > score_threshold)
+    keep = keep[np.argsort(-scores[keep], kind="stable")]  # descending score, ties by query index
+    if max_detections is not None:
+        keep = keep[: int(max_detections)]
+    scale = np.asarray([width, height, width, height], dtype=np.float32)
+
+    masks = None
+    if with_masks and keep.size:
+        masks = upsample_masks(np.asarray(pred_masks)[keep], (height, width), mask_threshold)
+    return tuple(
+        Detection(
+            score=float(scores[q]),
+            box=tuple(float(v) for v in boxes[q] * scale),  # type: ignore[arg-type]
+            mask=None if masks is None else masks[i],
+        )
+        for i, q in enumerate(keep)
+    )
+
+
+def upsample_masks(mask_logits: np.ndarray, size: tuple[int, int], mask_threshold: float) -> np.ndarray:
+    """[K, h, w] logits -> [K, H, W] bool: sigmoid, bilinear resize, threshold (transformers' order)."""
+    height, width = size
+    probs = _sigmoid(mask_logits)
+    out = np.empty((probs.shape[0], height, width), dtype=bool)
+    for i, prob in enumerate(probs):  # one mask at a time: peak memory is one H x W float image
+        if prob.shape != (height, width):
+            prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+        np.greater(prob, mask_threshold, out=out[i])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask encodings
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_mask(mask: np.ndarray, fmt: str) -> dict[str, Any] | None:
+    """One bool [H, W] mask as rle (COCO, compressed counts) | png (base64) | polygon | none."""
+    if fmt not in MASK_FORMATS:
+        raise InvalidOption(f"mask format {fmt!r} is not one of {', '.join(MASK_FORMATS)}")
+    if fmt == "none":
+        return None
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2-D, got shape {mask.shape}")
+    height, width = mask.shape
+    size = [int(height), int(width)]
+    if fmt == "rle":
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"format": "rle", "size": size, "counts": rle["counts"].decode("ascii")}
+    if fmt == "png":
+        ok, buf = cv2.imencode(".png", mask.astype(np.uint8) * 255, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+        if not ok:
+            raise RuntimeError("PNG encoding of a mask failed")
+        return {"format": "png", "size": size, "data": base64.b64encode(buf.tobytes()).decode("ascii")}
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = [c.reshape(-1).astype(int).tolist() for c in contours if len(c) >= 3]
+    return {"format": "polygon", "size": size, "polygons": polygons}
+
+
+def decode_mask(data: dict[str, Any]) -> np.ndarray:
+    """Inverse of :func:`encode_mask` for rle and png (clients and tests use it)."""
+    height, width = data["size"]
+    if data["format"] == "rle":
+        rle = {"size": [height, width], "counts": data["counts"].encode("ascii")}
+        return mask_utils.decode(rle).astype(bool)
+    if data["format"] == "png":
+        buf = np.frombuffer(base64.b64decode(data["data"]), dtype=np.uint8)
+        return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) > 0
+    if data["format"] == "polygon":
+        out = np.zeros((height, width), dtype=np.uint8)
+        pts = [np.asarray(p, dtype=np.int32).reshape(-1, 1, 2) for p in data["polygons"]]
+        cv2.fillPoly(out, pts, 1)
+        return out.astype(bool)
+    raise InvalidOption(f"cannot decode mask format {data.get('format')!r}")
+
+
+def result_document(
+    image_size: tuple[int, int], results: Sequence[PromptResult], mask_format: str = "rle"
+) -> dict[str, Any]:
+    """The response document of ``python -m engines segment --json`` and the server's /segment.
+
+    ``{"image_size": {"width", "height"}, "results": [{"prompt", "detections": [{"score",
+    "box": [x0, y0, x1, y1], "mask": {...} | None}]}]}``; detections keep their (descending
+    score) order. ``image_size`` is (width, height).
+    """
+    if mask_format not in MASK_FORMATS:
+        raise InvalidOption(f"mask format {mask_format!r} is not one of {', '.join(MASK_FORMATS)}")
+    width, height = (int(v) for v in image_size)
+    return {
+        "image_size": {"width": width, "height": height},
+        "results": [
+            {
+                "prompt": result.prompt,
+                "detections": [
+                    {
+                        "score": float(det.score),
+                        "box": [float(v) for v in det.box],
+                        "mask": None if det.mask is None else encode_mask(det.mask, mask_format),
+                    }
+                    for det in result.detections
+                ],
+            }
+            for result in results
+        ],
+    }
