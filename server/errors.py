@@ -1,0 +1,117 @@
+"""HTTP-side errors and the ONE handler that turns any exception into ``{"error": {...}}``.
+
+The runtime's typed errors (engines/errors.py) already carry ``code`` and ``http_status``;
+server-only facts (queue full, deadline, unknown image_id, auth) are typed the same way, so
+:func:`error_response` maps everything with one rule. Framework errors (validation, 404, 405)
+go through the same function so every body a client sees has the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engines.errors import InvalidInput, Sam3Error
+
+log = logging.getLogger("server")
+
+
+class ServerError(Sam3Error):
+    """Base of errors only the server knows about."""
+
+    headers: dict[str, str] = {}
+
+
+class Unauthorized(ServerError):
+    code = "unauthorized"
+    http_status = 401
+    headers = {"WWW-Authenticate": "X-API-Key"}
+
+
+class ImageNotCached(InvalidInput):
+    """An ``image_id`` whose embedding is not (or no longer) in the cache: resend the image."""
+
+    code = "image_not_cached"
+    http_status = 404
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class BadRequest(InvalidInput):
+    """A body that cannot be parsed at all (malformed multipart, bad base64, bad JSON)."""
+
+    code = "bad_request"
+    http_status = 400
+
+
+class QueueFull(ServerError):
+    code = "queue_full"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, int(retry_after_s)))}
+
+
+class DeadlineExceeded(ServerError):
+    code = "deadline_exceeded"
+    http_status = 504
+
+
+class NotReady(ServerError):
+    code = "not_ready"
+    http_status = 503
+    headers = {"Retry-After": "5"}
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+_STARLETTE_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+async def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The one exception handler. Registered for every exception type the app can see."""
+    headers: dict[str, str] = {}
+    extra: dict[str, Any] = {}
+    if isinstance(exc, Sam3Error):
+        status, code, message = exc.http_status, exc.code, str(exc) or exc.code
+        headers = dict(getattr(exc, "headers", {}) or {})
+        if status >= 500:
+            log.error("%s on %s %s: %s", code, request.method, request.url.path, message)
+    elif isinstance(exc, (RequestValidationError, ValidationError)):
+        status, code = 422, "validation_error"
+        errors = exc.errors()
+        extra["details"] = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in errors
+        ]
+        message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in extra["details"]) or "invalid request"
+    elif isinstance(exc, StarletteHTTPException):
+        status = exc.status_code
+        code = _STARLETTE_CODES.get(status, f"http_{status}")
+        message = str(exc.detail)
+        headers = dict(exc.headers or {})
+    else:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        status, code, message = 500, "internal_error", f"{type(exc).__name__}: internal error"
+    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+
+
+def install_error_handler(app: FastAPI) -> None:
+    for exc_type in (Sam3Error, RequestValidationError, ValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, error_response)

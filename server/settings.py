@@ -1,0 +1,76 @@
+"""Every server knob in one pydantic-settings class.
+
+Values come from (highest first) CLI flags (``python -m server``), environment variables with
+the ``SAM3_`` prefix, then the defaults below. The names are a public contract: the Dockerfile,
+docker-compose.yml and server/README.md list them, and a test checks they agree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Backend = Literal["auto", "tensorrt", "onnxruntime"]
+MaskFormat = Literal["rle", "png", "polygon", "none"]
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Server configuration (env prefix ``SAM3_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SAM3_", extra="ignore", frozen=True)
+
+    bundle: Path | None = Field(None, description="Bundle directory (manifest.json + ONNX graphs).")
+    backend: Backend = Field("auto", description="Inference backend.")
+    engines_dir: Path | None = Field(
+        None, description="Where TensorRT plans live (default <bundle>/engines; the container uses a volume)."
+    )
+    precision: Literal["fp16", "fp32"] = Field("fp16", description="TensorRT plan precision to build/load.")
+    host: str = Field("127.0.0.1", description="Bind address; the container sets 0.0.0.0.")
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # An fp16 SAM3 image embedding is ~58 MB (fp32 ~117 MB): 1 GiB holds ~17 fp16 images and
+    # leaves the rest of an 8 GB Orin Nano (shared CPU/GPU memory) to engines and activations.
+    cache_bytes: int = Field(1 * GIB, ge=0, description="Image-embedding cache bound, in bytes.")
+    text_cache_entries: int = Field(1024, ge=0, description="Text-embedding LRU size (prompts).")
+
+    api_key: SecretStr | None = Field(None, description="If set, X-API-Key must match (401 otherwise).")
+    max_upload_bytes: int = Field(20 * MIB, ge=1, description="Largest image file accepted (413).")
+    max_megapixels: float = Field(40.0, gt=0, description="Largest image, from its header (413).")
+    max_prompts: int = Field(16, ge=1, description="Prompts per request (422 above).")
+    max_prompt_chars: int = Field(200, ge=1, description="Characters per prompt (422 above).")
+    max_detections: int = Field(100, ge=1, description="Default cap on detections per prompt.")
+    allowed_content_types: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream"),
+        description="Declared upload types accepted (415 otherwise); octet-stream is sniffed by the decoder.",
+    )
+
+    queue_size: int = Field(16, ge=1, description="Jobs waiting for the inference worker (429 above).")
+    request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (504 after it).")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight work.")
+    warmup: bool = Field(True, description="Run one dummy inference before reporting ready.")
+
+    @field_validator("allowed_content_types", mode="before")
+    @classmethod
+    def _split_types(cls, value: object) -> object:
+        # Env vars carry "image/jpeg,image/png"; JSON lists also work.
+        if isinstance(value, str):
+            text = value.strip()
+            items = json.loads(text) if text.startswith("[") else text.split(",")
+            return tuple(str(v).strip().lower() for v in items if str(v).strip())
+        return value
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Request-body bound: a base64 image is 4/3 of its bytes, plus room for the form/JSON."""
+        return self.max_upload_bytes * 4 // 3 + 64 * 1024 + self.max_prompts * self.max_prompt_chars * 8
+
+
+ENV_VARS: tuple[str, ...] = tuple(f"SAM3_{name.upper()}" for name in Settings.model_fields)
