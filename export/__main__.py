@@ -34,14 +34,14 @@ def _progress_bar(total: int):
 
 
 def _build(model, out: Path, name: str, source, *, fp16_check: bool, decoder_max_batch: int,
-           loras: Sequence = ()) -> int:
+           max_cases: int | None = None) -> int:
     from export.build import BuildOptions, build_bundle
 
     bar, step = _progress_bar(total=8)
     try:
         manifest = build_bundle(model, out, BuildOptions(
             name=name, source=source, progress=step, fp16_check=fp16_check,
-            decoder_max_batch=decoder_max_batch))
+            decoder_max_batch=decoder_max_batch, max_cases=max_cases))
     finally:
         bar.close()
     summary = manifest.parity["summary"]
@@ -68,7 +68,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                         loras=tuple(loras))
     name = args.name or Path(args.checkpoint).stem
     return _build(model, Path(args.out), name, source, fp16_check=not args.skip_fp16_check,
-                  decoder_max_batch=args.decoder_max_batch)
+                  decoder_max_batch=args.decoder_max_batch, max_cases=args.verify_cases)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -84,10 +84,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sam3-demo-ckpt-") as tmp:
         checkpoint = Path(tmp) / f"sam3-{args.preset}-random"
         model.save_pretrained(checkpoint)
+        del model  # the build reloads it from the checkpoint; don't hold two copies (3.4 GB each at full size)
         build_args = argparse.Namespace(
             checkpoint=str(checkpoint), out=args.out, image_size=None, config=None, lora=None,
-            name=f"sam3-{args.preset}-random-weights", skip_fp16_check=False,
-            decoder_max_batch=args.decoder_max_batch)
+            name=f"sam3-{args.preset}-random-weights", skip_fp16_check=args.skip_fp16_check,
+            decoder_max_batch=args.decoder_max_batch, verify_cases=args.verify_cases)
         code = cmd_build(build_args)
     print("note: the demo model has RANDOM weights: its masks are meaningless. "
           "See README 'Export real weights' to export facebook/sam3.")
@@ -132,6 +133,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-fp16-check", action="store_true", help="skip the fp16 range report")
+    parser.add_argument("--verify-cases", type=int, default=None,
+                        help="end-to-end parity cases (default: all 5 sample images; 1-2 for full size on a CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--lora-alpha", type=float, default=None)
     build.add_argument("--lora-config", default=None, help="training YAML holding LoRA rank/alpha")
     build.add_argument("--decoder-max-batch", type=int, default=8, help="max prompts per decoder call")
-    build.add_argument("--skip-fp16-check", action="store_true", help="skip the fp16 range report")
+    _add_verify_flags(build)
     build.set_defaults(func=cmd_build)
 
     demo = sub.add_parser("demo", help="export the embedded random-weight demo model")
@@ -156,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="demo", help="model shape from export/configs (demo, tiny, sam3_small, full)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--decoder-max-batch", type=int, default=8)
+    _add_verify_flags(demo)
     demo.set_defaults(func=cmd_demo)
 
     inspect = sub.add_parser("inspect", help="print a bundle's manifest summary and re-check sha256")

@@ -57,6 +57,7 @@ class BuildOptions:
     decoder_max_batch: int = DEFAULT_DECODER_MAX_BATCH
     prompts: Sequence[Sequence[str]] = DEFAULT_PROMPTS
     fp16_check: bool = True
+    max_cases: int | None = None  # end-to-end cases to verify (None: all sample photos)
     progress: Callable[[str], None] = lambda stage: None
 
 
@@ -145,7 +146,10 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
         options.progress("verify parity")
         started = time.perf_counter()
         tokenizer = PromptTokenizer(staging / "tokenizer.json", tokenizer_info)
-        cases = verify.build_cases(verify.sample_photos(), lambda px: to_pixel_values(px, preprocessing),
+        photos = verify.sample_photos()
+        if options.max_cases is not None:
+            photos = dict(list(photos.items())[: max(1, options.max_cases)])
+        cases = verify.build_cases(photos, lambda px: to_pixel_values(px, preprocessing),
                                    tokenizer.encode, options.prompts)
         part_inputs = _verification_inputs(parts, cases)
         parity_parts = verify.part_parity(parts, paths, part_inputs)
