@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight work.")
     warmup: bool = Field(True, description="Run one dummy inference before reporting ready.")
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: object) -> object:
+        # docker compose passes SAM3_API_KEY="" when the host variable is unset: that means "off",
+        # not "the key is the empty string" (which would 401 every client that sends a key).
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
     @field_validator("allowed_content_types", mode="before")
     @classmethod
     def _split_types(cls, value: object) -> object:
