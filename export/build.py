@@ -180,7 +180,8 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
                 outputs=outputs,
                 fp32_layers=tuple(pinned.get(name, ())),
                 external_data=onnx_export.external_data_files(paths[name]),
-                max_batch=options.decoder_max_batch if name == "decoder" else 1,
+                # prompts are batched through the text encoder and the decoder alike
+                max_batch=1 if name == "image_encoder" else options.decoder_max_batch,
             )
             onnx_export.check_contract(spec)
             specs[name] = spec
