@@ -56,14 +56,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     from engines.bundle import SourceInfo
     from export.checkpoints import load_checkpoint
 
-    loaded = load_checkpoint(args.checkpoint, image_size=args.image_size, config=args.config)
+    from export.lora import LoraOptions, merge_adapters
+
+    lora_options = LoraOptions(rank=args.lora_rank, alpha=args.lora_alpha, config=args.lora_config)
+    loaded = load_checkpoint(args.checkpoint, image_size=args.image_size, config=args.config, lora=lora_options)
     model = loaded.model
     loras: list[dict] = []
     if args.lora:
-        from export.lora import LoraOptions, merge_adapters
-
-        model, loras = merge_adapters(model, args.lora, LoraOptions(
-            rank=args.lora_rank, alpha=args.lora_alpha, config=args.lora_config), checkpoint_format=loaded.format)
+        model, loras = merge_adapters(model, args.lora, lora_options, checkpoint_format=loaded.format)
     source = SourceInfo(checkpoint=loaded.source_name, checkpoint_sha256=loaded.sha256, format=loaded.format,
                         loras=tuple(loras))
     name = args.name or Path(args.checkpoint).stem

@@ -704,19 +704,29 @@ def _apply_image_size(cfg: dict[str, Any], image_size: int | None) -> dict[str, 
     return cfg
 
 
-def _load_hf(weights: Path, image_size: int | None, config: str | Path | dict | None) -> LoadedCheckpoint:
+def _unwrap_lora(sd: dict[str, Tensor], lora: Any) -> dict[str, Tensor]:
+    """A fine-tuned state dict still holding LoRA wrappers: merge them into plain weights."""
+    from export.lora import has_lora_wrappers, unwrap_lora_state_dict
+
+    return unwrap_lora_state_dict(sd, lora) if has_lora_wrappers(sd) else sd
+
+
+def _load_hf(weights: Path, image_size: int | None, config: str | Path | dict | None,
+             lora: Any = None) -> LoadedCheckpoint:
     cfg = _config_dict(config, weights.parent)
     if cfg is None:
         raise CheckpointError(f"no {HF_CONFIG} beside {weights.name} and no --config given")
     cfg = _apply_image_size(cfg, image_size)
     sam3_config = _make_config(cfg)
-    sd = _strip_hf_prefix(_read_safetensors(weights))
+    sd = _unwrap_lora(_strip_hf_prefix(_read_safetensors(weights)), lora)
     model = _build_model(sam3_config, sd)
     return LoadedCheckpoint(model, model.config, "hf", weights.parent.name if weights.name == HF_WEIGHTS else weights.name, _sha256(weights))
 
 
-def _load_meta(path: Path, image_size: int | None, config: str | Path | dict | None) -> LoadedCheckpoint:
+def _load_meta(path: Path, image_size: int | None, config: str | Path | dict | None,
+               lora: Any = None) -> LoadedCheckpoint:
     sd, fmt = _unwrap_meta(_torch_load(path), path.name)
+    sd = _unwrap_lora(sd, lora)
     base = _config_dict(config, path.parent)
     sam3_config = infer_config_from_meta(sd, image_size=image_size, base=base)
     hf_sd = meta_to_hf_state_dict(sd, sam3_config)
@@ -726,13 +736,16 @@ def _load_meta(path: Path, image_size: int | None, config: str | Path | dict | N
 
 
 def load_checkpoint(
-    path: str | Path, *, image_size: int | None = None, config: str | Path | dict | None = None
+    path: str | Path, *, image_size: int | None = None, config: str | Path | dict | None = None,
+    lora: Any = None,
 ) -> LoadedCheckpoint:
     """Load an HF directory / ``.safetensors`` file or a Meta ``.pt`` into ``Sam3Model``.
 
     ``config`` (Sam3Config dict, preset name or JSON path) takes precedence over a
-    ``config.json`` beside the checkpoint; ``image_size`` over both. Every failure is a
-    CheckpointError with a one-line reason.
+    ``config.json`` beside the checkpoint; ``image_size`` over both. A fine-tuned checkpoint
+    that still holds LoRA wrappers (``original_layer`` + ``lora.*``) is merged on load, with
+    rank/alpha from ``lora`` (an ``export.lora.LoraOptions``) where the file lacks them.
+    Every failure is a CheckpointError (or LoraError) with a one-line reason.
     """
     path = Path(path)
     if not path.exists():
@@ -743,14 +756,14 @@ def load_checkpoint(
             if (path / f"{HF_WEIGHTS}.index.json").is_file():
                 raise CheckpointError(f"{path.name}: sharded safetensors are not supported; merge into {HF_WEIGHTS}")
             raise CheckpointError(f"{path.name} is a directory without {HF_WEIGHTS}")
-        return _load_hf(weights, image_size, config)
+        return _load_hf(weights, image_size, config, lora)
     with path.open("rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors":
-        return _load_hf(path, image_size, config)
+        return _load_hf(path, image_size, config, lora)
     if len(head) < 8:
         raise CheckpointError(f"{path.name} is empty or truncated ({len(head)} bytes)")
-    return _load_meta(path, image_size, config)
+    return _load_meta(path, image_size, config, lora)
 
 
 def save_hf_checkpoint(model: "Sam3Model", directory: str | Path) -> Path:
