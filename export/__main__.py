@@ -34,14 +34,14 @@ def _progress_bar(total: int):
 
 
 def _build(model, out: Path, name: str, source, *, fp16_check: bool, decoder_max_batch: int,
-           max_cases: int | None = None) -> int:
+           max_cases: int | None = None, fp16_error_run: bool = True) -> int:
     from export.build import BuildOptions, build_bundle
 
     bar, step = _progress_bar(total=8)
     try:
         manifest = build_bundle(model, out, BuildOptions(
             name=name, source=source, progress=step, fp16_check=fp16_check,
-            decoder_max_batch=decoder_max_batch, max_cases=max_cases))
+            decoder_max_batch=decoder_max_batch, max_cases=max_cases, fp16_error_run=fp16_error_run))
     finally:
         bar.close()
     summary = manifest.parity["summary"]
@@ -68,7 +68,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                         loras=tuple(loras))
     name = args.name or Path(args.checkpoint).stem
     return _build(model, Path(args.out), name, source, fp16_check=not args.skip_fp16_check,
-                  decoder_max_batch=args.decoder_max_batch, max_cases=args.verify_cases)
+                  decoder_max_batch=args.decoder_max_batch, max_cases=args.verify_cases,
+                  fp16_error_run=not args.skip_fp16_error_run)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -88,6 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         build_args = argparse.Namespace(
             checkpoint=str(checkpoint), out=args.out, image_size=None, config=None, lora=None,
             name=f"sam3-{args.preset}-random-weights", skip_fp16_check=args.skip_fp16_check,
+            skip_fp16_error_run=args.skip_fp16_error_run,
             decoder_max_batch=args.decoder_max_batch, verify_cases=args.verify_cases)
         code = cmd_build(build_args)
     print("note: the demo model has RANDOM weights: its masks are meaningless. "
@@ -135,6 +137,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-fp16-check", action="store_true", help="skip the fp16 range report")
+    parser.add_argument("--skip-fp16-error-run", action="store_true",
+                        help="measure fp16 ranges but skip running a half-precision copy (slow on CPUs at full size)")
     parser.add_argument("--verify-cases", type=int, default=None,
                         help="end-to-end parity cases (default: all 5 sample images; 1-2 for full size on a CPU)")
 

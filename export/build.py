@@ -7,6 +7,7 @@ half-written bundle (and never clobbers a good one).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import platform
@@ -57,6 +58,7 @@ class BuildOptions:
     decoder_max_batch: int = DEFAULT_DECODER_MAX_BATCH
     prompts: Sequence[Sequence[str]] = DEFAULT_PROMPTS
     fp16_check: bool = True
+    fp16_error_run: bool = True  # also run a half-precision copy on CPU (slow at full size)
     max_cases: int | None = None  # end-to-end cases to verify (None: all sample photos)
     progress: Callable[[str], None] = lambda stage: None
 
@@ -152,8 +154,11 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
         cases = verify.build_cases(photos, lambda px: to_pixel_values(px, preprocessing),
                                    tokenizer.encode, options.prompts)
         part_inputs = _verification_inputs(parts, cases)
-        parity_parts = verify.part_parity(parts, paths, part_inputs)
-        e2e = verify.end_to_end_parity(model, paths, cases)
+        # One session per graph for both checks: at full size each holds ~2 GB of weights.
+        sessions = {name: verify.ort_session(path) for name, path in paths.items()}
+        parity_parts = verify.part_parity(parts, sessions, part_inputs)
+        e2e = verify.end_to_end_parity(model, sessions, cases)
+        del sessions
         summary = verify.summarize(e2e)
         timings["verify_s"] = round(time.perf_counter() - started, 2)
         verify.check_bounds(summary, options.bounds)
@@ -164,7 +169,10 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
         if options.fp16_check:
             options.progress("fp16 range")
             started = time.perf_counter()
-            fp16 = verify.fp16_range(parts, paths, part_inputs)
+            # one half-precision copy of the whole model serves all three parts
+            half_parts = split_model(copy.deepcopy(model).half()) if options.fp16_error_run else None
+            fp16 = verify.fp16_range(parts, paths, part_inputs, half_parts)
+            del half_parts
             timings["fp16_check_s"] = round(time.perf_counter() - started, 2)
         pinned = verify.fp32_layers(fp16) if fp16 else {}
 

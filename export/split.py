@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.sam3.modeling_sam3 import Sam3Model, box_cxcywh_to_xyxy, inverse_sigmoid
+from transformers.models.sam3.modeling_sam3 import (
+    Sam3Model,
+    Sam3VisionEncoderOutput,
+    box_cxcywh_to_xyxy,
+    inverse_sigmoid,
+)
 
 from engines.bundle import TensorNames as T
 
@@ -26,13 +31,20 @@ def reference_forward(model: Sam3Model, pixel_values: torch.Tensor, input_ids: t
                       attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """transformers' full forward with Meta's semantics (one padding box -> CLS token only).
 
-    The PyTorch reference every exported graph is checked against.
+    The PyTorch reference every exported graph is checked against. N prompts on one image run
+    the vision encoder once and share its output (as Meta's processor does): expanding the
+    pixels to batch N instead would cost N encoder passes and, at full size, ~7 GB per global
+    attention matrix per extra prompt.
     """
     batch = input_ids.shape[0]
-    if pixel_values.shape[0] != batch:
-        pixel_values = pixel_values.expand(batch, -1, -1, -1)
+    vision = model.get_vision_features(pixel_values)
+    if vision.fpn_hidden_states[0].shape[0] != batch:
+        vision = Sam3VisionEncoderOutput(
+            fpn_hidden_states=tuple(t.expand(batch, -1, -1, -1) for t in vision.fpn_hidden_states),
+            fpn_position_encoding=tuple(t.expand(batch, -1, -1, -1) for t in vision.fpn_position_encoding),
+        )
     out = model(
-        pixel_values=pixel_values,
+        vision_embeds=vision,
         input_ids=input_ids.long(),
         attention_mask=attention_mask.long(),
         input_boxes=torch.zeros(batch, 1, 4, dtype=pixel_values.dtype),
@@ -69,7 +81,8 @@ def _level_position_encoding(model: Sam3Model) -> torch.Tensor:
     vision_config = model.config.vision_config
     height, width = vision_config.backbone_feature_sizes[-1]
     shape = torch.Size([1, vision_config.fpn_hidden_size, height, width])
-    return model.vision_encoder.neck.position_encoding(shape, "cpu", torch.float32)
+    dtype = next(model.parameters()).dtype  # fp16 for the FP16 range check's half copy
+    return model.vision_encoder.neck.position_encoding(shape, "cpu", torch.float32).to(dtype)
 
 
 class ImageEncoder(nn.Module):

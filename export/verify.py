@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import collections
-import copy
 import json
 import math
 from dataclasses import dataclass
@@ -80,12 +79,12 @@ def mask_iou(got_logits: np.ndarray, ref_logits: np.ndarray, threshold: float = 
     return float(np.logical_and(got, ref).sum() / union) if union else 1.0
 
 
-def part_parity(parts: dict[str, nn.Module], paths: dict[str, Path],
+def part_parity(parts: dict[str, nn.Module], sessions: dict[str, ort.InferenceSession],
                 inputs: dict[str, Sequence[torch.Tensor]]) -> dict[str, dict[str, dict[str, float]]]:
     """Per part, per output: ORT vs the PyTorch wrapper on the same inputs."""
     report: dict[str, dict[str, dict[str, float]]] = {}
     for name, module in parts.items():
-        session = ort_session(paths[name])
+        session = sessions[name]
         args = inputs[name]
         with torch.no_grad():
             ref = module(*args)
@@ -105,9 +104,9 @@ def run_chain(sessions: dict[str, ort.InferenceSession], case: PromptCase) -> di
     return dict(zip((T.PRED_MASKS, T.PRED_BOXES, T.PRED_LOGITS, T.PRESENCE_LOGITS), outputs))
 
 
-def end_to_end_parity(model, paths: dict[str, Path], cases: Iterable[PromptCase]) -> dict[str, dict]:
+def end_to_end_parity(model, sessions: dict[str, ort.InferenceSession],
+                      cases: Iterable[PromptCase]) -> dict[str, dict]:
     """ORT three-graph chain vs the full PyTorch forward (Meta semantics), per case."""
-    sessions = {name: ort_session(path) for name, path in paths.items()}
     report = {}
     for case in cases:
         got = run_chain(sessions, case)
@@ -208,6 +207,10 @@ def _finite_max_abs(tensor: torch.Tensor) -> float:
     Masked logits are meant to be huge negatives; TensorRT's fused softmax handles them, and
     counting them would flag every masked attention. Everything else must fit in fp16.
     """
+    low, high = torch.aminmax(tensor.detach())  # no |x| copy: attention scores are GBs at full size
+    largest = max(-float(low), float(high))
+    if largest < MASK_SENTINEL:
+        return largest
     values = tensor.detach().abs()
     values = values[values < MASK_SENTINEL]
     return float(values.max()) if values.numel() else 0.0
@@ -242,8 +245,14 @@ def _onnx_nodes_in_scope(path: Path) -> dict[str, list[str]]:
 
 
 def fp16_range(parts: dict[str, nn.Module], paths: dict[str, Path],
-               inputs: dict[str, Sequence[torch.Tensor]]) -> dict:
-    """Activation ranges in fp32 and the fp16-vs-fp32 error per part; layers to keep in FP32."""
+               inputs: dict[str, Sequence[torch.Tensor]],
+               half_parts: dict[str, nn.Module] | None = None) -> dict:
+    """Activation ranges in fp32 and the fp16-vs-fp32 error per part; layers to keep in FP32.
+
+    ``half_parts`` are the same wrappers around a half-precision copy of the model; without
+    them only the ranges are measured (CPUs have no fast fp16 matmul: at full size the
+    half-precision run takes far longer than the whole export).
+    """
     report: dict = {"fp16_max": FP16_MAX, "risk_threshold": FP16_RISK, "parts": {}}
     for name, module in parts.items():
         args = inputs[name]
@@ -256,7 +265,8 @@ def fp16_range(parts: dict[str, nn.Module], paths: dict[str, Path],
             for handle in handles:
                 handle.remove()
         ref = ref if isinstance(ref, tuple) else (ref,)
-        half_error = _half_precision_error(module, args, ref)
+        half_error = (_half_precision_error(half_parts[name], args, ref) if half_parts is not None
+                      else "not run (--skip-fp16-error-run)")
         risky = sorted({scope for (scope, _), value in mode.max_abs.items() if value > FP16_RISK})
         nodes = _onnx_nodes_in_scope(paths[name])
         pinned = sorted({n for scope in risky for key, names in nodes.items()
@@ -277,8 +287,8 @@ def fp16_range(parts: dict[str, nn.Module], paths: dict[str, Path],
 
 def _half_precision_error(module: nn.Module, args: Sequence[torch.Tensor],
                           ref: Sequence[torch.Tensor]) -> dict[str, dict[str, float]] | str:
-    """Run a half-precision copy on CPU; errors per output vs fp32 (or why it could not run)."""
-    half = copy.deepcopy(module).half()
+    """Run the half-precision wrapper on CPU; errors per output vs fp32 (or why it could not run)."""
+    half = module
     half_args = [a.half() if a.is_floating_point() else a for a in args]
     try:
         with torch.no_grad():
