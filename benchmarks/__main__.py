@@ -1,0 +1,175 @@
+"""``python -m benchmarks``: pipeline | http. Prints a markdown table; writes JSON/markdown/PNG.
+
+    python -m benchmarks pipeline --bundle DIR [--reference-checkpoint HF_DIR] --json out.json --plot out.png
+    python -m benchmarks http --url http://127.0.0.1:8000 --concurrency 4 --requests 100 --compare out.json
+    python -m benchmarks schema pipeline|http     # the JSON schema of the documents
+    python -m benchmarks report out.json --markdown out.md --plot out.png   # re-render a saved run
+
+Exit codes: 0 done, 2 bad arguments or input, 1 the benchmark failed (one line on stderr).
+Goals missed are reported in the output, not as a failing exit: this is a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def outputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", dest="json_out", default=None, help="write the JSON document (schema: README)")
+        p.add_argument("--markdown", default=None, help="write the markdown table here (also printed)")
+        p.add_argument("--plot", default=None, help="write a PNG plot (matplotlib)")
+
+    pipe = sub.add_parser("pipeline", help="per-stage latency of the runtime, and the PyTorch reference")
+    pipe.add_argument("--bundle", required=True, type=Path)
+    pipe.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    pipe.add_argument("--images", nargs="*", type=Path, default=[], help="image files (default: synthetic 640x480)")
+    pipe.add_argument("--prompts", nargs="+", default=["a person", "a dog"], help="the prompt batch of every call")
+    pipe.add_argument("--iterations", type=int, default=5, help="measured iterations per path")
+    pipe.add_argument("--warmup", type=int, default=1, help="excluded iterations per path")
+    pipe.add_argument("--batch", type=int, default=8, help="k for k-prompts-per-call vs k single calls")
+    pipe.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: cores)")
+    pipe.add_argument("--score-threshold", type=float, default=0.5)
+    pipe.add_argument("--max-detections", type=int, default=None, help="per prompt (masks upsampled: at most this)")
+    pipe.add_argument("--reference-checkpoint", type=Path, default=None,
+                      help="HF checkpoint dir of the SAME weights; enables the transformers reference (needs torch)")
+    pipe.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                      help="run the reference when a checkpoint is given (--no-reference skips it)")
+    pipe.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count of the reference")
+    outputs(pipe)
+    pipe.set_defaults(func=cmd_pipeline)
+
+    http = sub.add_parser("http", help="load a running server (bounded asyncio httpx loop)")
+    http.add_argument("--url", required=True)
+    http.add_argument("--concurrency", type=int, default=1)
+    http.add_argument("--requests", type=int, default=None, help="total requests (default 40 without --duration)")
+    http.add_argument("--duration", type=float, default=None, help="seconds")
+    http.add_argument("--image", dest="images", nargs="*", type=Path, default=[], help="image file (PNG/JPEG)")
+    http.add_argument("--prompts", nargs="+", default=["a person", "a dog"])
+    http.add_argument("--cold-fraction", type=float, default=0.25)
+    http.add_argument("--mask-format", default="rle", choices=("rle", "png", "polygon", "none"))
+    http.add_argument("--api-key", default=os.environ.get("SAM3_API_KEY"))
+    http.add_argument("--timeout", type=float, default=120.0)
+    http.add_argument("--allow-remote", action="store_true", help="allow a non-loopback URL")
+    http.add_argument("--compare", type=Path, default=None, help="pipeline JSON of the same bundle for ratios")
+    http.add_argument("--compare-bundle", type=Path, default=None,
+                      help="the server's bundle: alternate HTTP requests with direct pipeline calls (same load)")
+    http.add_argument("--pairs", type=int, default=8, help="warm and cold pairs for --compare-bundle")
+    outputs(http)
+    http.set_defaults(func=cmd_http)
+
+    schema = sub.add_parser("schema", help="print the JSON schema of a benchmark document")
+    schema.add_argument("kind", choices=("pipeline", "http"))
+
+    render = sub.add_parser("report", help="re-render a saved JSON document (e.g. from a Jetson) as markdown/PNG")
+    render.add_argument("document", type=Path)
+    outputs(render)
+    render.set_defaults(func=cmd_report)
+    return parser
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.report import validate
+
+    try:
+        doc = json.loads(args.document.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {args.document}: {exc}") from None
+    validate(doc)
+    return doc
+
+
+def cmd_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.pipeline import PipelineBenchConfig, run_pipeline_benchmark
+
+    for image in args.images:
+        if not image.is_file():
+            raise UsageError(f"image not found: {image}")
+    if args.reference_checkpoint is not None and not args.reference_checkpoint.exists():
+        raise UsageError(f"reference checkpoint not found: {args.reference_checkpoint}")
+    config = PipelineBenchConfig(
+        bundle=args.bundle, backend=args.backend, images=list(args.images), prompts=list(args.prompts),
+        iterations=args.iterations, warmup=args.warmup, batch=args.batch, threads=args.threads,
+        score_threshold=args.score_threshold, max_detections=args.max_detections,
+        reference_checkpoint=args.reference_checkpoint if args.reference else None, flops=args.flops,
+    )
+    try:
+        config.check()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return run_pipeline_benchmark(config)
+
+
+def cmd_http(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.http import HttpBenchConfig, run_http_benchmark
+
+    config = HttpBenchConfig(
+        url=args.url, concurrency=args.concurrency,
+        requests=args.requests if args.requests is not None or args.duration is not None else 40,
+        duration_s=args.duration, images=list(args.images), prompts=list(args.prompts),
+        cold_fraction=args.cold_fraction, mask_format=args.mask_format, api_key=args.api_key,
+        timeout_s=args.timeout, allow_remote=args.allow_remote, compare=args.compare,
+        compare_bundle=args.compare_bundle, pairs=args.pairs,
+    )
+    try:
+        config.check()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return run_http_benchmark(config)
+
+
+class UsageError(Exception):
+    pass
+
+
+def _write(path: str, data: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from benchmarks import report
+
+    if args.command == "schema":
+        print(json.dumps(report.PIPELINE_SCHEMA if args.kind == "pipeline" else report.HTTP_SCHEMA, indent=2))
+        return EXIT_OK
+    try:
+        doc = args.func(args)
+        if args.command != "report":
+            doc["command"] = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
+        text = report.markdown(doc)
+        if args.json_out:
+            _write(args.json_out, json.dumps(doc, indent=2) + "\n")
+        if args.markdown:
+            _write(args.markdown, text)
+        if args.plot:
+            report.plot(doc, args.plot)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user; a traceback helps nobody at a terminal
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    print(text)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

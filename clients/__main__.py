@@ -1,0 +1,150 @@
+"""``python -m clients``: segment | embed | health against a running server.
+
+    python -m clients segment http://127.0.0.1:8000 photo.jpg "a dog" "a ball" --out overlay.png
+    python -m clients embed http://127.0.0.1:8000 photo.jpg
+
+Every failure is one line on stderr (``error: <what>``) and a non-zero exit: 2 usage/input
+(bad file, bad option), 3 server unreachable or timed out, 1 the server refused (4xx/5xx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from clients.client import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Sam3Client
+from clients.errors import ApiError, ClientError, RequestTimeout, ServerUnreachable
+
+EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+MASK_FORMATS = ("rle", "png", "polygon", "none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m clients", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+        p.add_argument("--api-key", default=os.environ.get("SAM3_API_KEY"), help="X-API-Key (default $SAM3_API_KEY)")
+        p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request")
+        p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries on 429/503 (Retry-After)")
+
+    seg = sub.add_parser("segment", help="segment an image with text prompts")
+    common(seg)
+    seg.add_argument("image", help="image file")
+    seg.add_argument("prompts", nargs="+", help="one or more text prompts")
+    seg.add_argument("--score-threshold", type=float, default=None)
+    seg.add_argument("--mask-threshold", type=float, default=None)
+    seg.add_argument("--max-detections", type=int, default=None)
+    seg.add_argument("--mask-format", choices=MASK_FORMATS, default="rle")
+    seg.add_argument("--out", default=None, help="overlay PNG with masks, boxes and labels")
+    seg.add_argument("--json", dest="json_out", default=None, help="write the server's response JSON here")
+    seg.set_defaults(func=cmd_segment)
+
+    emb = sub.add_parser("embed", help="compute and cache an image embedding; prints its image_id")
+    common(emb)
+    emb.add_argument("image", help="image file")
+    emb.set_defaults(func=cmd_embed)
+
+    health = sub.add_parser("health", help="is the server up and ready?")
+    common(health)
+    health.set_defaults(func=cmd_health)
+    return parser
+
+
+def _client(args: argparse.Namespace) -> Sam3Client:
+    return Sam3Client(args.url, api_key=args.api_key, timeout=args.timeout, retries=args.retries)
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read image {path}: {exc.strerror or exc}") from None
+
+
+class UsageError(Exception):
+    """A local problem (file, option) found before any request."""
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    if args.out is not None and not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    data = _read_image(args.image)
+    with _client(args) as client:
+        response = client.segment(
+            data,
+            args.prompts,
+            score_threshold=args.score_threshold,
+            mask_threshold=args.mask_threshold,
+            max_detections=args.max_detections,
+            mask_format=args.mask_format,
+        )
+    if args.json_out:
+        _write(args.json_out, json.dumps(response.raw, indent=2).encode())
+    if args.out:
+        from clients.overlay import draw_overlay, load_rgb
+
+        overlay = draw_overlay(load_rgb(data), response.results)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        overlay.save(args.out, format="PNG")
+    width, height = response.image_size
+    print(f"image {response.image_id[:12]} {width}x{height} cache_hit={response.cache_hit} "
+          f"total {response.timings_ms.get('total', 0.0):.1f} ms ({response.model.get('backend', '?')})")
+    for result in response.results:
+        print(f"  {result.prompt!r}: {len(result.detections)} detection(s)")
+        for det in result.detections:
+            box = ", ".join(f"{v:.1f}" for v in det.box)
+            print(f"    {det.score:.3f}  [{box}]")
+    return EXIT_OK
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    data = _read_image(args.image)
+    with _client(args) as client:
+        response = client.embed(data)
+    width, height = response.image_size
+    print(f"{response.image_id} {width}x{height} {'already cached' if response.cached else 'embedded'}")
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        health = client.health()
+    print(f"{health.status} state={health.state} ready={health.ready}")
+    return EXIT_OK if health.ready else EXIT_API
+
+
+def _write(path: str, data: bytes) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (ServerUnreachable, RequestTimeout) as exc:
+        return _fail(str(exc), EXIT_UNREACHABLE)
+    except ApiError as exc:
+        return _fail(str(exc), EXIT_API)
+    except (ClientError, TypeError, OSError) as exc:
+        return _fail(f"{type(exc).__name__}: {exc}", EXIT_API if isinstance(exc, ClientError) else EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

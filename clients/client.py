@@ -1,0 +1,138 @@
+"""``Sam3Client``: a small typed httpx client for the SAM3 server.
+
+Why a client at all: callers should not need to know that prompts are a repeated multipart
+field, that errors are ``{"error": {"code", "message"}}``, or that a 429 carries a
+``Retry-After`` to honour. Retries are bounded (count and total wait) so a saturated server
+surfaces as :class:`~clients.errors.RateLimited` instead of a hang.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+from typing_extensions import Self
+
+from clients.errors import ApiError, RequestTimeout, ServerUnreachable
+from clients.results import EmbedResponse, Health, SegmentResponse
+from clients.wire import ImageInput, form_fields, image_payload, json_body, json_document, retry_after_seconds
+
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_RETRIES = 3
+MAX_RETRY_WAIT_S = 30.0  # one Retry-After is capped here: the server's hint, not a blank cheque
+RETRY_STATUSES = (429, 503)  # both carry Retry-After on this server: queue full / still warming
+
+
+class Sam3Client:
+    """Synchronous client. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        max_retry_wait_s: float = MAX_RETRY_WAIT_S,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.max_retry_wait_s = max_retry_wait_s
+        self._sleep = sleep
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
+
+    # ------------------------------------------------------------------ API
+
+    def segment(self, image: ImageInput, prompts: Sequence[str] | str, **options: Any) -> SegmentResponse:
+        """Upload an image (path, bytes, RGB array or PIL image) and segment it with ``prompts``.
+
+        ``options``: ``score_threshold``, ``mask_threshold``, ``max_detections``, ``mask_format``
+        (rle|png|polygon|none). The server caches the embedding: ``segment_cached`` with the
+        returned ``image_id`` skips the upload and the image encoder.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        name, data, media = image_payload(image)
+        fields = form_fields(prompts, options)
+        doc = self._request("POST", "/segment", files={"image": (name, data, media)}, data=fields)
+        return SegmentResponse.from_json(doc)
+
+    def segment_cached(self, image_id: str, prompts: Sequence[str] | str, **options: Any) -> SegmentResponse:
+        """Prompts on an image the server already holds; 404 ``image_not_cached`` if evicted."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        doc = self._request("POST", "/segment", json=json_body(prompts, options, image_id=image_id))
+        return SegmentResponse.from_json(doc)
+
+    def embed(self, image: ImageInput) -> EmbedResponse:
+        """Compute and cache the image embedding (e.g. when a frame arrives, before any prompt)."""
+        name, data, media = image_payload(image)
+        return EmbedResponse.from_json(self._request("POST", "/embed", files={"image": (name, data, media)}))
+
+    def delete_embedding(self, image_id: str) -> None:
+        self._request("DELETE", f"/embeddings/{image_id}")
+
+    def health(self) -> Health:
+        """``/healthz`` (process up) and ``/readyz`` (engines warm); never retried."""
+        doc = self._request("GET", "/healthz", retry=False)
+        try:
+            self._request("GET", "/readyz", retry=False)
+            ready = True
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            ready = False
+        return Health(status=str(doc.get("status", "")), state=str(doc.get("state", "")), ready=ready)
+
+    def info(self) -> dict[str, Any]:
+        return self._request("GET", "/info")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> dict[str, Any]:
+        attempts = 1 + (self.retries if retry else 0)
+        for attempt in range(attempts):
+            response = self._send(method, path, **kwargs)
+            if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:
+                self._sleep(self._retry_wait(response, attempt))
+                continue
+            return json_document(response)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop always returns or raises
+
+    def _retry_wait(self, response: httpx.Response, attempt: int) -> float:
+        hinted = retry_after_seconds(response)
+        wait = hinted if hinted is not None else 0.5 * 2**attempt  # no hint: short exponential back-off
+        return min(wait, self.max_retry_wait_s)
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        url = f"{self.base_url}{path}"
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise ServerUnreachable(f"cannot connect to {url}: {_reason(exc)} (is the server running?)") from None
+        except httpx.TimeoutException as exc:
+            kind = type(exc).__name__.replace("Timeout", " timeout").lower().strip()
+            raise RequestTimeout(f"{method} {url}: {kind} after {self._http.timeout.read} s") from None
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"{method} {url}: {_reason(exc)}") from None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    if "refused" in text.lower():
+        return "connection refused"
+    return text or type(exc).__name__

@@ -1,0 +1,1 @@
+from tests.clients.conftest import live_server  # noqa: F401  (the same real-server fixture)
