@@ -87,7 +87,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model.save_pretrained(checkpoint)
         del model  # the build reloads it from the checkpoint; don't hold two copies (3.4 GB each at full size)
         build_args = argparse.Namespace(
-            checkpoint=str(checkpoint), out=args.out, image_size=None, config=None, lora=None,
+            checkpoint=str(checkpoint), out=args.out, image_size=None, config=None,
+            lora=None, lora_rank=None, lora_alpha=None, lora_config=None,
             name=f"sam3-{args.preset}-random-weights", skip_fp16_check=args.skip_fp16_check,
             skip_fp16_error_run=args.skip_fp16_error_run,
             decoder_max_batch=args.decoder_max_batch, verify_cases=args.verify_cases)
