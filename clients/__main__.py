@@ -23,6 +23,9 @@ EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 MASK_FORMATS = ("rle", "png", "polygon", "none")
 
 
+SHOWN_DETECTIONS = 10  # per prompt on the terminal; --json has them all
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clients", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,10 +100,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
           f"total {response.timings_ms.get('total', 0.0):.1f} ms ({response.model.get('backend', '?')})")
     for result in response.results:
         print(f"  {result.prompt!r}: {len(result.detections)} detection(s)")
-        for det in result.detections:
+        for det in result.detections[:SHOWN_DETECTIONS]:
             box = ", ".join(f"{v:.1f}" for v in det.box)
             print(f"    {det.score:.3f}  [{box}]")
+        if len(result.detections) > SHOWN_DETECTIONS:
+            print(f"    ... {len(result.detections) - SHOWN_DETECTIONS} more (all of them in --json)")
     return EXIT_OK
+
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

@@ -28,10 +28,12 @@ def draw_overlay(image: Image.Image, results: Sequence[PromptResult], alpha: flo
     canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
     for index, result in enumerate(results):
         colour = np.asarray(PALETTE[index % len(PALETTE)], dtype=np.float32)
+        # Tint the union once: overlapping detections must not compound into an opaque colour.
+        union = np.zeros(canvas.shape[:2], dtype=bool)
         for det in result.detections:
             if det.mask is not None and det.mask.size == canvas.shape[:2]:
-                m = det.mask.array
-                canvas[m] = canvas[m] * (1 - alpha) + colour * alpha
+                union |= det.mask.array
+        canvas[union] = canvas[union] * (1 - alpha) + colour * alpha
     out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(out)
     width = max(1, round(max(out.size) / 400))

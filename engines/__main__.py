@@ -275,9 +275,12 @@ def draw_overlay(pixels: np.ndarray, results: Sequence[PromptResult], alpha: flo
     canvas = pixels.astype(np.float32)
     for index, result in enumerate(results):
         colour = np.asarray(PALETTE[index % len(PALETTE)], dtype=np.float32)
+        # Tint the union once: overlapping detections must not compound into an opaque colour.
+        union = np.zeros(pixels.shape[:2], dtype=bool)
         for det in result.detections:
             if det.mask is not None and det.mask.shape == pixels.shape[:2]:
-                canvas[det.mask] = canvas[det.mask] * (1 - alpha) + colour * alpha
+                union |= det.mask
+        canvas[union] = canvas[union] * (1 - alpha) + colour * alpha
     out = cv2.cvtColor(np.clip(canvas, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
     height, width = pixels.shape[:2]
     thickness = max(1, round(max(height, width) / 400))
