@@ -412,7 +412,7 @@ def _info(app: FastAPI, service: SegmentService) -> dict[str, Any]:
         "state": worker.state,
         "error": worker.error,
         "model": service.model_info(),
-        "cache": service.image_cache.stats().to_json(),
+        "cache": {**service.image_cache.stats().to_json(), "dtype": service.cache_dtype()},
         "text_cache": service.text_cache.stats(),
         "queue": {"capacity": worker.queue_size, "depth": worker.depth},
         "worker": {k: v for k, v in vars(worker.stats).items() if k != "extra"},

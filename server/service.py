@@ -11,7 +11,7 @@ Routes parse and shape; this module decides where each step runs:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -180,6 +180,21 @@ class SegmentService:
         backend, precision = backend_identity(pipeline)
         return {"name": str(pipeline.manifest.name), "backend": backend, "precision": precision}
 
+    def cache_dtype(self) -> str:
+        """The dtype embeddings are stored in (see Settings.cache_dtype)."""
+        if self.settings.cache_dtype != "auto":
+            return self.settings.cache_dtype
+        _, precision = backend_identity(self.pipeline)
+        return "float16" if precision == "fp16" else "float32"
+
+    def _cacheable(self, embedding: ImageEmbedding) -> ImageEmbedding:
+        """The embedding as cached. Every request, the first included, decodes from this form,
+        so a cold and a warm answer for the same image are identical."""
+        dtype = np.dtype(self.cache_dtype())
+        if all(t.dtype == dtype for t in embedding.tensors.values()):
+            return embedding
+        return replace(embedding, tensors={k: v.astype(dtype) for k, v in embedding.tensors.items()})
+
     # -- internals ---------------------------------------------------------------------------
     def _load_image(self, data: bytes) -> LoadedImage:
         """Decode in the thread pool with the pipeline's limits, not through the pipeline object:
@@ -230,7 +245,8 @@ class SegmentService:
             timings: dict[str, float] = {}
             t = time.perf_counter()
             if loaded is not None:
-                embedding, hit = image_cache.get_or_compute(key, lambda: pipeline.encode_image(loaded))
+                embedding, hit = image_cache.get_or_compute(
+                    key, lambda: self._cacheable(pipeline.encode_image(loaded)))
             else:
                 embedding = image_cache.get(key)
                 if embedding is None:

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     # An fp16 SAM3 image embedding is ~58 MB (fp32 ~117 MB): 1 GiB holds ~17 fp16 images and
     # leaves the rest of an 8 GB Orin Nano (shared CPU/GPU memory) to engines and activations.
     cache_bytes: int = Field(1 * GIB, ge=0, description="Image-embedding cache bound, in bytes.")
+    # FP16 engines compute the embedding in fp16 anyway, so storing it in fp16 halves its bytes
+    # at no cost; with fp32 graphs (ONNX Runtime) fp16 storage would change answers (~1e-3).
+    cache_dtype: Literal["auto", "float16", "float32"] = Field(
+        "auto", description="Cached embedding dtype; auto = float16 when the engines run in FP16, else float32."
+    )
     text_cache_entries: int = Field(1024, ge=0, description="Text-embedding LRU size (prompts).")
 
     api_key: SecretStr | None = Field(None, description="If set, X-API-Key must match (401 otherwise).")

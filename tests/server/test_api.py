@@ -228,3 +228,24 @@ def test_sigterm_drains_in_flight_requests(server_bundle, tmp_path) -> None:
     # be refused. A request cut off mid-flight would show up as a read/protocol error.
     assert results and all(status == 200 for status in results), results
     assert all(isinstance(f, httpx.ConnectError) for f in failures), failures
+
+
+def test_fp16_cache_halves_embedding_bytes(server_bundle, tmp_path) -> None:
+    """SAM3_CACHE_DTYPE=float16 stores embeddings in half the bytes; cold and warm agree."""
+    proc = ServerProcess(server_bundle, {"SAM3_CACHE_DTYPE": "float16"}, tmp_path)
+    try:
+        proc.wait_ready()
+        with httpx.Client(base_url=proc.url, timeout=30) as c:
+            data = image_bytes(seed=7)
+            cold = _segment(c, data, ["cat"]).json()
+            warm = _segment(c, data, ["cat"]).json()
+            assert warm["cache_hit"] and cold["results"] == warm["results"]
+            cache = c.get("/info").json()["cache"]
+            assert cache["dtype"] == "float16" and cache["entries"] == 1
+        from engines.bundle import Bundle
+
+        image = Bundle(server_bundle).manifest.part("image_encoder")
+        fp32_bytes = sum(4 * int(np.prod(t.concrete_shape(1))) for t in image.outputs)
+        assert cache["bytes"] == fp32_bytes // 2
+    finally:
+        assert proc.stop() in CLEAN_EXIT
