@@ -85,8 +85,9 @@ def _part_weights(model, part: str) -> dict[str, nn.Module]:
         return {"vision_encoder": model.vision_encoder, "geometry_encoder": model.geometry_encoder}
     if part == "text_encoder":
         return {"text_encoder": model.text_encoder, "text_projection": model.text_projection}
+    # The geometry encoder belongs to the image encoder: its box-free CLS token is computed there.
     return {name: getattr(model, name) for name in
-            ("detr_encoder", "detr_decoder", "mask_decoder", "dot_product_scoring", "geometry_encoder")}
+            ("detr_encoder", "detr_decoder", "mask_decoder", "dot_product_scoring")}
 
 
 def _hash_part(model, part: str) -> str:
