@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import math
 import re
@@ -29,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from engines.bundle import sha256_file
 
 if TYPE_CHECKING:  # transformers is imported lazily: importing it costs seconds
     from transformers import Sam3Config, Sam3Model
@@ -546,14 +547,6 @@ def _make_config(data: dict[str, Any]) -> "Sam3Config":
 # ----------------------------------------------------------------------------------------------
 # Reading files
 # ----------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _config_dict(config: str | Path | dict | None, beside: Path | None) -> dict[str, Any] | None:
     """``config`` (dict / preset name / JSON path) or else ``config.json`` in ``beside``."""
     from export.presets import preset_dict, preset_names
@@ -720,7 +713,7 @@ def _load_hf(weights: Path, image_size: int | None, config: str | Path | dict | 
     sam3_config = _make_config(cfg)
     sd = _unwrap_lora(_strip_hf_prefix(_read_safetensors(weights)), lora)
     model = _build_model(sam3_config, sd)
-    return LoadedCheckpoint(model, model.config, "hf", weights.parent.name if weights.name == HF_WEIGHTS else weights.name, _sha256(weights))
+    return LoadedCheckpoint(model, model.config, "hf", weights.parent.name if weights.name == HF_WEIGHTS else weights.name, sha256_file(weights))
 
 
 def _load_meta(path: Path, image_size: int | None, config: str | Path | dict | None,
@@ -732,7 +725,7 @@ def _load_meta(path: Path, image_size: int | None, config: str | Path | dict | N
     hf_sd = meta_to_hf_state_dict(sd, sam3_config)
     del sd
     model = _build_model(sam3_config, hf_sd)
-    return LoadedCheckpoint(model, model.config, fmt, path.name, _sha256(path))
+    return LoadedCheckpoint(model, model.config, fmt, path.name, sha256_file(path))
 
 
 def load_checkpoint(

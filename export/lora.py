@@ -35,7 +35,6 @@ weight; any other outcome is a :class:`LoraError` naming the key.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -46,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from engines.bundle import sha256_file
 
 if TYPE_CHECKING:
     from transformers import Sam3Model
@@ -262,7 +263,7 @@ def _merge_one(
     info = _info(
         path,
         fmt,
-        _file_sha256(path),
+        sha256_file(path),
         hyper,
         ranks=sorted({p.rank for p in pairs}),
         parts=_parts_of_hf_keys(model, hf_keys),
@@ -319,7 +320,7 @@ def _merge_peft(model, path: Path) -> tuple[Sam3Model, dict[str, Any]]:
     info = _info(
         path,
         FORMAT_PEFT,
-        _file_sha256(weights),
+        sha256_file(weights),
         hyper,
         ranks=[int(config.r)],
         parts=_parts_of_hf_keys(merged_model, modules),
@@ -659,14 +660,6 @@ def _info(
         "namespace": namespace,
         "modules": modules,
     }
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _strip(key: str) -> str:
