@@ -151,6 +151,8 @@ class PromptTokenizer:
                 raise PromptTooLong(f"prompt {i} has {len(prompt)} characters (limit {self.max_chars})")
             if not prompt.strip():
                 raise InvalidPrompt(f"prompt {i} is empty or whitespace only")
+            if "\x00" in prompt:
+                raise InvalidPrompt(f"prompt {i} contains a NUL character")
         return items
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from anyio import to_thread
 
 from engines.bundle import sha256_bytes
 from engines.preprocess import load_image
-from engines.errors import InvalidImage, InvalidOption, InvalidPrompt, PromptTooLong, TooManyPrompts
+from engines.errors import InvalidImage, InvalidOption
 from engines.types import ImageEmbedding, LoadedImage, PromptResult, TextEmbedding
 from server.cache import EmbeddingCache, TextCache
 from server.errors import ImageNotCached, NotReady, PayloadTooLarge
@@ -87,22 +87,11 @@ class SegmentService:
 
     # -- validation (before any queueing) ----------------------------------------------------
     def check_prompts(self, prompts: Sequence[str]) -> tuple[str, ...]:
-        if not prompts:
-            raise InvalidPrompt("at least one prompt is required")
-        if len(prompts) > self.settings.max_prompts:
-            raise TooManyPrompts(f"{len(prompts)} prompts; at most {self.settings.max_prompts} per request")
-        cleaned = []
-        for prompt in prompts:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise InvalidPrompt("prompts must be non-empty strings")
-            if len(prompt) > self.settings.max_prompt_chars:
-                raise PromptTooLong(
-                    f"prompt of {len(prompt)} characters; at most {self.settings.max_prompt_chars}"
-                )
-            if "\x00" in prompt:
-                raise InvalidPrompt("prompts must not contain NUL characters")
-            cleaned.append(prompt)
-        return tuple(cleaned)
+        """The pipeline's own prompt validation (its limits are these settings), run here in the
+        event loop so a bad prompt is refused before it takes a queue slot."""
+        if self.pipeline is None:
+            raise NotReady(f"inference engines are not ready (state: {self.worker.state})")
+        return tuple(self.pipeline.tokenizer.validate(prompts))
 
     def check_options(self, options: SegmentOptions) -> None:
         if not (0.0 <= options.score_threshold <= 1.0):
