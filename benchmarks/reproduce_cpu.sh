@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The exact commands behind benchmarks/RESULTS.md (CPU rows). Usage from the repo root:
-#   bash benchmarks/reproduce_cpu.sh [WORKDIR]        (default /tmp/bench-work; ~15 min on 2 cores)
-# Builds the tiny and SAM3-Small-shaped random checkpoints + bundles if missing, then runs the
-# pipeline benchmark (with the transformers reference) and the HTTP benchmark for both. The
+#   bash benchmarks/reproduce_cpu.sh [WORKDIR]        (default /tmp/bench-work)
+#   FULL_BUNDLE=build/full-bundle bash benchmarks/reproduce_cpu.sh [WORKDIR]   (adds the full-size row)
+# Builds the tiny and SAM3-Small-shaped random checkpoints + bundles if missing (~10 min on 2
+# cores), then runs the pipeline benchmark (with the transformers reference) and the HTTP
+# benchmark for both (~2-3 min on a quiet 2-core machine). The
 # markdown in RESULTS.md is these commands' output, re-rendered from the JSON with
 #   python -m benchmarks report benchmarks/results/NAME.json --markdown benchmarks/results/NAME.md
 set -euo pipefail
@@ -54,3 +56,12 @@ for PRESET in tiny sam3_small; do
   kill "$SERVER"; wait "$SERVER" 2>/dev/null || true
   trap - EXIT
 done
+
+# Optional full-size row (1008 px, 848 M params, random weights): FULL_BUNDLE=path to a bundle
+# built with `python -m export build` from a full-size checkpoint (see docs/export-full-size.md). One
+# prompt, 2 iterations after 1 warm-up, no torch reference (the eager model would double the
+# memory and the time). Measured: ~4 min on 2 cores, a cold call ~22 s, peak RSS 18808 MiB.
+if [ -n "${FULL_BUNDLE:-}" ]; then
+  $NICE $PY -m benchmarks pipeline --bundle "$FULL_BUNDLE" --iterations 2 --warmup 1 --prompts "a person" \
+    --json "$OUT/full-pipeline.json" --markdown "$OUT/full-pipeline.md" --plot "$OUT/full-pipeline.png"
+fi
