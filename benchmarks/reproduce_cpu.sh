@@ -39,6 +39,15 @@ $NICE $PY -m benchmarks pipeline --bundle "$WORK/bundle-sam3_small" --iterations
   --score-threshold 0 --max-detections 10 --json "$OUT/small-pipeline-masks.json" \
   --markdown "$OUT/small-pipeline-masks.md" --plot "$OUT/small-pipeline-masks.png"
 
+# Opt-in int8 CPU mode (python -m export quantize): the SAM3-Small bundle with an int8 image
+# encoder, against the same fp32 reference checkpoint.
+if [ ! -f "$WORK/bundle-sam3_small-int8/manifest.json" ]; then
+  $NICE $PY -m export quantize "$WORK/bundle-sam3_small" --out "$WORK/bundle-sam3_small-int8"
+fi
+$NICE $PY -m benchmarks pipeline --bundle "$WORK/bundle-sam3_small-int8" --reference-checkpoint "$WORK/ckpt-sam3_small" \
+  --iterations 5 --warmup 1 --prompts "a person" --json "$OUT/small-int8-pipeline-1prompt.json" \
+  --markdown "$OUT/small-int8-pipeline-1prompt.md" --plot "$OUT/small-int8-pipeline-1prompt.png"
+
 for PRESET in tiny sam3_small; do
   NAME=${PRESET%%_*}; [ "$PRESET" = sam3_small ] && NAME=small
   PORT=$($PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")

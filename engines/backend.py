@@ -99,10 +99,17 @@ def open_backend(
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
     requested = kind
+    cpu_only = bool(bundle.manifest.export.get("quantization", {}).get("cpu_only"))
     if kind == "auto":
         from engines import tensorrt as trt_backend
 
-        kind = "tensorrt" if trt_backend.tensorrt_available() else "onnxruntime"
+        kind = "tensorrt" if trt_backend.tensorrt_available() and not cpu_only else "onnxruntime"
+    if kind == "tensorrt" and cpu_only:
+        # MatMulInteger / DynamicQuantizeLinear are not in TensorRT's ONNX parser: refuse up front
+        # rather than fail deep inside a build.
+        raise BackendUnavailable(
+            "this bundle is int8-quantized for ONNX Runtime on a CPU; build TensorRT engines from "
+            "the fp32 bundle it was made from")
     if kind == "tensorrt":
         from engines.tensorrt import TensorRTBackend
 

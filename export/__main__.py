@@ -98,6 +98,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Opt-in int8 CPU bundle (see export/quantize.py): faster cold path, measured parity loss."""
+    from export.quantize import quantize_bundle
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    manifest = quantize_bundle(Path(args.bundle), Path(args.out), parts)
+    summary = manifest.parity["int8_vs_fp32"]["summary"]
+    print(f"wrote {args.out} ({manifest.name}, ONNX Runtime CPU only): int8 {', '.join(parts)}; vs the fp32 "
+          f"bundle over {summary['cases']} cases: logits max abs {summary['logits_max_abs']:.2e}, presence "
+          f"{summary['presence_max_abs']:.2e}, boxes {summary['boxes_max_abs']:.2e}, mask IoU min "
+          f"{summary['mask_iou_min']:.4f}, same top query {summary['same_top_query']}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from engines.bundle import Bundle
 
@@ -170,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--decoder-max-batch", type=int, default=8)
     _add_verify_flags(demo)
     demo.set_defaults(func=cmd_demo)
+
+    quantize = sub.add_parser("quantize", help="write an int8 ONNX Runtime CPU copy of a bundle (opt-in)")
+    quantize.add_argument("bundle", help="an fp32 bundle written by build/demo")
+    quantize.add_argument("--out", required=True, help="the int8 bundle directory to write")
+    quantize.add_argument("--parts", default="image_encoder",
+                          help="comma-separated parts to quantize (default: image_encoder, the cold path's cost)")
+    quantize.set_defaults(func=cmd_quantize)
 
     inspect = sub.add_parser("inspect", help="print a bundle's manifest summary and re-check sha256")
     inspect.add_argument("bundle")

@@ -73,7 +73,7 @@ def ort_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _errors(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+def max_errors(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
     scale = float(np.abs(ref).max()) if ref.size else 0.0
     max_abs = float(diff.max()) if diff.size else 0.0
@@ -98,7 +98,7 @@ def part_parity(parts: dict[str, nn.Module], sessions: dict[str, ort.InferenceSe
             ref = module(*args)
         ref = ref if isinstance(ref, tuple) else (ref,)
         got = session.run(None, {n: a.numpy() for n, a in zip(module.input_names, args)})
-        report[name] = {out: _errors(g, r.numpy()) for out, g, r in zip(module.output_names, got, ref)}
+        report[name] = {out: max_errors(g, r.numpy()) for out, g, r in zip(module.output_names, got, ref)}
     return report
 
 
@@ -121,7 +121,7 @@ def end_to_end_parity(model, sessions: dict[str, ort.InferenceSession],
         with torch.no_grad():
             ref = {k: v.numpy() for k, v in reference_forward(
                 model, case.pixel_values, case.input_ids, case.attention_mask).items()}
-        entry = {name: _errors(got[name], ref[name]) for name in ref}
+        entry = {name: max_errors(got[name], ref[name]) for name in ref}
         entry["mask_iou"] = mask_iou(got[T.PRED_MASKS], ref[T.PRED_MASKS])
         entry["same_top_query"] = bool(
             np.array_equal(got[T.PRED_LOGITS].argmax(-1), ref[T.PRED_LOGITS].argmax(-1)))
@@ -307,7 +307,7 @@ def _half_precision_error(module: nn.Module, args: Sequence[torch.Tensor],
     result = {}
     for out_name, got, want in zip(module.output_names, out, ref):
         got = got.float().numpy()
-        errors = _errors(got, want.numpy())
+        errors = max_errors(got, want.numpy())
         errors["non_finite"] = int((~np.isfinite(got)).sum())
         result[out_name] = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                             for k, v in errors.items()}
