@@ -33,7 +33,7 @@ def _progress_bar(total: int):
     return bar, step
 
 
-def _build(model, out: Path, name: str, source, *, fp16_check: bool, decoder_max_batch: int,
+def _build(model, out: Path, name: str, source, *, fp16_check: bool, decoder_max_batch: int | None,
            max_cases: int | None = None, fp16_error_run: bool = True) -> int:
     from export.build import BuildOptions, build_bundle
 
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--lora-rank", type=int, default=None)
     build.add_argument("--lora-alpha", type=float, default=None)
     build.add_argument("--lora-config", default=None, help="training YAML holding LoRA rank/alpha")
-    build.add_argument("--decoder-max-batch", type=int, default=8, help="max prompts per decoder call")
+    build.add_argument("--decoder-max-batch", type=int, default=None,
+                       help="max prompts per text-encoder/decoder call (default: 8, or 2 for 288x288-mask models)")
     _add_verify_flags(build)
     build.set_defaults(func=cmd_build)
 
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True)
     demo.add_argument("--preset", default="demo", help="model shape from export/configs (demo, tiny, sam3_small, full)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--decoder-max-batch", type=int, default=8)
+    demo.add_argument("--decoder-max-batch", type=int, default=None)
     _add_verify_flags(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -164,3 +164,12 @@ def test_demo_command_exports_the_seeded_random_model(tmp_path: Path, capsys) ->
     # seeded: the same weights every time, whatever the files' bytes
     assert {p.name: p.weights_sha256 for p in Bundle(again).manifest.parts.values()} == {
         p.name: p.weights_sha256 for p in manifest.parts.values()}
+
+
+def test_decoder_batch_defaults_follow_mask_resolution() -> None:
+    from export.build import default_decoder_max_batch
+    from export.presets import preset_config
+
+    assert default_decoder_max_batch(preset_config("tiny")) == 8
+    assert default_decoder_max_batch(preset_config("sam3_small")) == 8
+    assert default_decoder_max_batch(preset_config("full")) == 2
