@@ -77,7 +77,10 @@ def load_image(source: ImageSource, *, max_megapixels: float = DEFAULT_MAX_MEGAP
     return decode_image_bytes(data, max_megapixels=max_megapixels)
 
 
-def decode_image_bytes(data: bytes, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> LoadedImage:
+def decode_image_bytes(data: bytes, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+                       image_id: str | None = None) -> LoadedImage:
+    """Decode encoded bytes. ``image_id``: the bytes' sha256 when the caller already has it (the
+    server hashes first, to look the cache up before decoding), so it is not computed twice."""
     if not data:
         raise InvalidImage("the image is empty (0 bytes)")
     try:
@@ -95,7 +98,7 @@ def decode_image_bytes(data: bytes, *, max_megapixels: float = DEFAULT_MAX_MEGAP
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             # truncated files raise OSError("image file is truncated ...")
             raise InvalidImage(f"the image cannot be decoded ({image.format}): {exc}") from exc
-    return LoadedImage(pixels=pixels, image_id=hashlib.sha256(data).hexdigest())
+    return LoadedImage(pixels=pixels, image_id=image_id or hashlib.sha256(data).hexdigest())
 
 
 def _check_size(width: int, height: int, max_megapixels: float) -> None:

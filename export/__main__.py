@@ -44,12 +44,16 @@ def _build(model, out: Path, name: str, source, *, fp16_check: bool, decoder_max
             decoder_max_batch=decoder_max_batch, max_cases=max_cases, fp16_error_run=fp16_error_run))
     finally:
         bar.close()
-    summary = manifest.parity["summary"]
-    print(f"wrote {out} ({name}): parity over {summary['cases']} cases: logits max abs "
-          f"{summary['logits_max_abs']:.2e}, presence {summary['presence_max_abs']:.2e}, "
-          f"boxes {summary['boxes_max_abs']:.2e}, mask IoU min {summary['mask_iou_min']:.5f}; "
+    print(f"wrote {out} ({name}): parity {_parity_line(manifest.parity['summary'])}; "
           f"TensorRT op audit: {'all supported' if manifest.op_audit['all_supported'] else 'UNSUPPORTED ops'}")
     return 0
+
+
+def _parity_line(summary: dict) -> str:
+    """One line of an end-to-end parity summary (export verification, int8 vs fp32)."""
+    return (f"over {summary['cases']} cases: logits max abs {summary['logits_max_abs']:.2e}, presence "
+            f"{summary['presence_max_abs']:.2e}, boxes {summary['boxes_max_abs']:.2e}, mask IoU min "
+            f"{summary['mask_iou_min']:.5f}, same top query {summary['same_top_query']}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -104,11 +108,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     manifest = quantize_bundle(Path(args.bundle), Path(args.out), parts)
-    summary = manifest.parity["int8_vs_fp32"]["summary"]
     print(f"wrote {args.out} ({manifest.name}, ONNX Runtime CPU only): int8 {', '.join(parts)}; vs the fp32 "
-          f"bundle over {summary['cases']} cases: logits max abs {summary['logits_max_abs']:.2e}, presence "
-          f"{summary['presence_max_abs']:.2e}, boxes {summary['boxes_max_abs']:.2e}, mask IoU min "
-          f"{summary['mask_iou_min']:.4f}, same top query {summary['same_top_query']}")
+          f"bundle {_parity_line(manifest.parity['int8_vs_fp32']['summary'])}")
     return 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from anyio import to_thread
 
 from engines.bundle import sha256_bytes
-from engines.preprocess import load_image
+from engines.preprocess import decode_image_bytes
 from engines.errors import InvalidImage, InvalidOption
 from engines.types import ImageEmbedding, LoadedImage, PromptResult, TextEmbedding
 from server.cache import EmbeddingCache, TextCache
@@ -185,10 +185,10 @@ class SegmentService:
         return replace(embedding, tensors={k: v.astype(dtype) for k, v in embedding.tensors.items()})
 
     # -- internals ---------------------------------------------------------------------------
-    def _load_image(self, data: bytes) -> LoadedImage:
+    def _load_image(self, data: bytes, image_id: str) -> LoadedImage:
         """Decode in the thread pool with the pipeline's limits, not through the pipeline object:
         the pipeline's own timers are per-thread state owned by the inference worker."""
-        return load_image(data, max_megapixels=self.settings.max_megapixels)
+        return decode_image_bytes(data, max_megapixels=self.settings.max_megapixels, image_id=image_id)
 
     async def _encode(
         self,
@@ -205,7 +205,7 @@ class SegmentService:
         if data is not None:
             image_id = await to_thread.run_sync(sha256_bytes, data)
             if self.cache_key(image_id) not in self.image_cache:
-                loaded = await to_thread.run_sync(self._load_image, data)
+                loaded = await to_thread.run_sync(self._load_image, data, image_id)
         assert image_id is not None
         key = self.cache_key(image_id)
         for _ in range(2):
@@ -213,7 +213,7 @@ class SegmentService:
             try:
                 result = await self.worker.run(job, timeout_s=self.settings.request_timeout_s)
             except _Evicted:
-                loaded = await to_thread.run_sync(self._load_image, data)
+                loaded = await to_thread.run_sync(self._load_image, data, image_id)
                 continue
             encoded = result.value
             encoded.timings["queue"] = result.queue_ms
