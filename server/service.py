@@ -18,6 +18,7 @@ import numpy as np
 from anyio import to_thread
 
 from engines.bundle import sha256_bytes
+from engines.postprocess import result_document
 from engines.preprocess import decode_image_bytes
 from engines.errors import InvalidImage, InvalidOption
 from engines.types import ImageEmbedding, LoadedImage, PromptResult, TextEmbedding
@@ -75,12 +76,7 @@ class SegmentService:
 
     @property
     def encoder_key(self) -> str:
-        pipeline = self.pipeline
-        key = getattr(pipeline, "encoder_key", None)
-        if key:
-            return str(key)
-        part = pipeline.manifest.parts["image_encoder"]
-        return part.weights_sha256 or part.sha256
+        return str(self.pipeline.encoder_key)  # Sam3Pipeline derives it from the manifest
 
     def cache_key(self, image_id: str) -> tuple[str, str]:
         return (image_id, self.encoder_key)
@@ -141,7 +137,8 @@ class SegmentService:
         height, width = encoded.embedding.original_size
         assert encoded.results is not None
         document = await to_thread.run_sync(
-            _result_document, (int(width), int(height)), encoded.results, options.mask_format
+            lambda: result_document(image_size=(int(width), int(height)), results=encoded.results,
+                                    mask_format=options.mask_format)
         )
         timings = dict(encoded.timings)
         timings["postprocess"] = (time.perf_counter() - t_post) * 1e3
@@ -290,8 +287,3 @@ def _text_embedding(pipeline: Any, cache: TextCache[TextEmbedding], prompts: tup
         prompts=tuple(prompts), tensors={k: np.concatenate([r.tensors[k] for r in rows], axis=0) for k in names}
     )
 
-
-def _result_document(image_size: tuple[int, int], results: list[PromptResult], mask_format: str) -> dict[str, Any]:
-    from engines.postprocess import result_document
-
-    return result_document(image_size=image_size, results=results, mask_format=mask_format)
