@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("bundle")
     inspect.add_argument("--json", action="store_true", help="print the whole manifest")
     inspect.set_defaults(func=cmd_inspect)
+
+    from export.triton import add_parser as add_triton_parser  # torch-free: a Triton model repository
+
+    add_triton_parser(sub)
     return parser
 
 
