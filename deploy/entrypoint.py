@@ -64,7 +64,7 @@ EXIT_SIGNAL = 143  # stopped by SIGTERM/SIGINT before serving (128 + 15, like a 
 STARTING, BUILDING, LOADING, READY, FAILED = "starting", "building_engines", "loading", "ready", "failed"
 
 LOCK_FILE = ".build.lock"
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "triton")  # triton: no engines here (docs/triton.md)
 PRECISIONS = ("fp16", "fp32")
 
 # Environment variables. The first group is the server's (server/settings.py, prefix SAM3_):

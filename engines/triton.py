@@ -140,7 +140,7 @@ def _grpc():
         import tritonclient.grpc as grpcclient
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise BackendUnavailable(
-            "the triton backend needs tritonclient: pip install -r requirements/triton.txt"
+            "the triton backend needs tritonclient: pip install -r requirements/runtime.txt"
         ) from exc
     return grpcclient
 

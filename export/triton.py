@@ -149,7 +149,7 @@ def validate_pbtxt(text: str, *, required: bool = False) -> Any:
         from tritonclient.grpc import model_config_pb2
     except ImportError:
         if required:
-            raise BundleError("validating config.pbtxt needs tritonclient (requirements/triton.txt)") from None
+            raise BundleError("validating config.pbtxt needs tritonclient (requirements/runtime.txt)") from None
         return None
     config = model_config_pb2.ModelConfig()
     try:

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Backend = Literal["auto", "tensorrt", "onnxruntime"]
+Backend = Literal["auto", "tensorrt", "onnxruntime", "triton"]
 MaskFormat = Literal["rle", "png", "polygon", "none"]
 
 GIB = 1 << 30
@@ -32,6 +32,16 @@ class Settings(BaseSettings):
         None, description="Where TensorRT plans live (default <bundle>/engines; the container uses a volume)."
     )
     precision: Literal["fp16", "fp32"] = Field("fp16", description="TensorRT plan precision to build/load.")
+    # --backend triton: the three parts run on a Triton Inference Server (engines/triton.py);
+    # the embedding cache, limits and API stay here. docs/triton.md.
+    triton_url: str | None = Field(None, description="gRPC host:port of the Triton server (backend triton).")
+    triton_model_prefix: str = Field("sam3", description="Model name prefix used by `python -m export triton`.")
+    triton_timeout_s: float = Field(
+        10.0, gt=0, description="Bound on each Triton call; a dead Triton is a 503 after at most this."
+    )
+    triton_wait_s: float = Field(
+        600.0, ge=0, description="How long startup waits for Triton and its models (not ready meanwhile)."
+    )
     host: str = Field("127.0.0.1", description="Bind address; the container sets 0.0.0.0.")
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -61,6 +71,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (504 after it).")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight work.")
     warmup: bool = Field(True, description="Run one dummy inference before reporting ready.")
+
+    @model_validator(mode="after")
+    def _triton_needs_url(self) -> "Settings":
+        if self.backend == "triton" and not self.triton_url:
+            raise ValueError("backend triton needs triton_url (--triton-url host:port, SAM3_TRITON_URL)")
+        return self
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -26,7 +26,7 @@ from engines.postprocess import result_document
 from engines.triton import TritonBackend
 from tests.triton_support import TEST_MAX_BATCH, local_triton, png_bytes, triton_repository  # noqa: F401
 
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient (requirements/triton.txt)")
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient (requirements/runtime.txt)")
 
 PROMPTS = ["a cat", "a red car", "person"]
 OPTIONS = {"score_threshold": 0.0, "max_detections": 5}

@@ -21,7 +21,7 @@ from export.__main__ import main
 from export.triton import MARKER, RepositoryOptions, to_pbtxt, validate_pbtxt, write_repository
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
-                                       reason="tritonclient (requirements/triton.txt) holds Triton's model-config schema")
+                                       reason="tritonclient (requirements/runtime.txt) holds Triton's model-config schema")
 from google.protobuf import json_format  # noqa: E402 - after the importorskip above
 
 
