@@ -8,6 +8,7 @@ surfaces as :class:`~clients.errors.RateLimited` instead of a hang.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +24,17 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 3
 MAX_RETRY_WAIT_S = 30.0  # one Retry-After is capped here: the server's hint, not a blank cheque
 RETRY_STATUSES = (429, 503)  # both carry Retry-After on this server: queue full / still warming
+
+
+
+# Every request about an image carries its id (the sha256 of its bytes, which is the server's
+# image_id): a load balancer can hash on it so an image's requests reach the server replica that
+# caches its embedding (deploy/triton/k8s.yaml). Servers ignore it.
+IMAGE_ID_HEADER = "X-Image-Id"
+
+
+def image_id_header(data: bytes) -> dict[str, str]:
+    return {IMAGE_ID_HEADER: hashlib.sha256(data).hexdigest()}
 
 
 class Sam3Client:
@@ -60,22 +72,26 @@ class Sam3Client:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         name, data, media = image_payload(image)
         fields = form_fields(prompts, options)
-        doc = self._request("POST", "/segment", files={"image": (name, data, media)}, data=fields)
+        doc = self._request("POST", "/segment", files={"image": (name, data, media)}, data=fields,
+                            headers=image_id_header(data))
         return SegmentResponse.from_json(doc)
 
     def segment_cached(self, image_id: str, prompts: Sequence[str] | str, **options: Any) -> SegmentResponse:
         """Prompts on an image the server already holds; 404 ``image_not_cached`` if evicted."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        doc = self._request("POST", "/segment", json=json_body(prompts, options, image_id=image_id))
+        doc = self._request("POST", "/segment", json=json_body(prompts, options, image_id=image_id),
+                            headers={IMAGE_ID_HEADER: image_id})
         return SegmentResponse.from_json(doc)
 
     def embed(self, image: ImageInput) -> EmbedResponse:
         """Compute and cache the image embedding (e.g. when a frame arrives, before any prompt)."""
         name, data, media = image_payload(image)
-        return EmbedResponse.from_json(self._request("POST", "/embed", files={"image": (name, data, media)}))
+        return EmbedResponse.from_json(
+            self._request("POST", "/embed", files={"image": (name, data, media)}, headers=image_id_header(data))
+        )
 
     def delete_embedding(self, image_id: str) -> None:
-        self._request("DELETE", f"/embeddings/{image_id}")
+        self._request("DELETE", f"/embeddings/{image_id}", headers={IMAGE_ID_HEADER: image_id})
 
     def health(self) -> Health:
         """``/healthz`` (process up) and ``/readyz`` (engines warm); never retried."""
