@@ -271,12 +271,12 @@ def _paired(config: HttpBenchConfig, image: bytes, name: str, media: str) -> dic
 
 
 def http_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    from benchmarks.pipeline import _goal
+    from benchmarks.pipeline import goal
 
     paired = doc.get("paired")
     if paired:
-        return [_goal(f"HTTP /segment p50 / direct pipeline p50, {kind}, alternated in this run", 1.10,
+        return [goal(f"HTTP /segment p50 / direct pipeline p50, {kind}, alternated in this run", 1.10,
                       paired[f"{kind}_http_over_direct"]) for kind in ("warm", "cold")]
     comparison = doc.get("comparison") or {}
-    return [_goal(f"HTTP /segment p50 / direct pipeline p50 ({key}, from --compare)", 1.10, value)
+    return [goal(f"HTTP /segment p50 / direct pipeline p50 ({key}, from --compare)", 1.10, value)
             for key, value in comparison.items()]

@@ -243,8 +243,8 @@ def _reference_inputs(pipe: Sam3Pipeline, image: bytes, prompts: Sequence[str]):
 
 def _decoder_logits(pipe: Sam3Pipeline, embedding: ImageEmbedding, text: TextEmbedding) -> np.ndarray:
     # The pipeline only returns post-processed detections; the raw logits tell whether the
-    # reference runs the same weights. _decoder_feed is the pipeline's own feed builder.
-    feed = pipe._decoder_feed(embedding, text, 0, len(text.prompts))
+    # reference runs the same weights. decoder_inputs is the pipeline's own feed builder.
+    feed = pipe.decoder_inputs(embedding, text)
     return pipe.parts["decoder"].run(feed)["pred_logits"]
 
 
@@ -291,19 +291,19 @@ def pipeline_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
     goals = []
     ref = doc.get("reference")
     if ref:
-        goals.append(_goal("cold end-to-end, ours / transformers eager", 0.5, ref["ours_over_reference"]["cold"]))
+        goals.append(goal("cold end-to-end, ours / transformers eager", 0.5, ref["ours_over_reference"]["cold"]))
         flops = ref.get("flops")
         if flops:
-            goals.append(_goal("warm / cold (text re-encoded), <= 1.1 x compute floor",
+            goals.append(goal("warm / cold (text re-encoded), <= 1.1 x compute floor",
                                round(1.1 * flops["floor_warm_over_cold"], 4), doc["ratios"]["warm_over_cold"]))
-            goals.append(_goal("text-cached / cold, <= 1.1 x compute floor",
+            goals.append(goal("text-cached / cold, <= 1.1 x compute floor",
                                round(1.1 * flops["floor_text_cached_over_cold"], 4),
                                doc["ratios"]["text_cached_over_cold"]))
-    goals.append(_goal(f"{doc['batch']['k']} prompts batched / {doc['batch']['k']} single calls", 0.9,
+    goals.append(goal(f"{doc['batch']['k']} prompts batched / {doc['batch']['k']} single calls", 0.9,
                        doc["batch"]["batched_over_single"]))
     return goals
 
 
-def _goal(name: str, target: float, measured: float) -> dict[str, Any]:
+def goal(name: str, target: float, measured: float) -> dict[str, Any]:
     return {"name": name, "target": target, "measured": measured, "met": bool(measured <= target),
             "miss_factor": round(measured / target, 3)}

@@ -46,9 +46,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 log = logging.getLogger("sam3.entrypoint")
 
@@ -60,7 +62,7 @@ EXIT_BUILD = 3  # engine build failed and the ORT fallback is not allowed
 EXIT_ENGINES_DIR = 4  # engines directory cannot be created or written
 EXIT_SIGNAL = 143  # stopped by SIGTERM/SIGINT before serving (128 + 15, like a shell)
 
-# Readiness states, the same words the server's /readyz uses (issue 5).
+# Readiness states, the same words the server's /readyz uses.
 STARTING, BUILDING, LOADING, READY, FAILED = "starting", "building_engines", "loading", "ready", "failed"
 
 LOCK_FILE = ".build.lock"
@@ -208,7 +210,7 @@ class StatusServer:
 
             do_POST = do_DELETE = do_PUT = do_GET
 
-            def _send(self, code: int, body: dict) -> None:
+            def _send(self, code: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -247,7 +249,9 @@ class LockTimeout(Exception):
     pass
 
 
-def acquire_build_lock(engines_dir: Path, timeout_s: float | None, on_wait=None) -> int:
+def acquire_build_lock(
+    engines_dir: Path, timeout_s: float | None, on_wait: Callable[[str], None] | None = None
+) -> int:
     """Exclusive flock on ``engines_dir/.build.lock``; returns the fd (closing it releases).
 
     flock is per open file description and dies with the process, so a container killed
@@ -283,21 +287,22 @@ def acquire_build_lock(engines_dir: Path, timeout_s: float | None, on_wait=None)
 
 
 def tensorrt_importable() -> bool:
-    import importlib.util
+    """An installed TensorRT package (a cheap check: no import, no CUDA context in this process)."""
+    from engines.tensorrt import tensorrt_installed
 
-    return importlib.util.find_spec("tensorrt") is not None
+    return tensorrt_installed()
 
 
 class Entrypoint:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.status: StatusServer | None = None
-        self._child: subprocess.Popen | None = None
+        self._child: subprocess.Popen[bytes] | None = None
         self._stopping = False
 
     # The container's PID 1 (under `init: true`, its only child): without a handler Python
     # would ignore SIGTERM as PID 1 and `docker stop` would wait 10 s then SIGKILL mid-build.
-    def _on_signal(self, signum: int, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._stopping = True
         log.warning("signal %d: stopping", signum)
         if self._child and self._child.poll() is None:
@@ -315,7 +320,7 @@ class Entrypoint:
             log.error("cannot bind %s:%d (%s): is another server using the port?", cfg.host, cfg.port, exc)
             return EXIT_USAGE
         try:
-            code, backend = self._prepare()
+            code, backend = self.prepare()
         except SystemExit:
             self._close_status()
             raise
@@ -342,11 +347,21 @@ class Entrypoint:
         log.error("%s", message)
         return code, ""
 
-    def _prepare(self) -> tuple[int, str]:
-        """Validate and build; returns (exit code, backend the server should use)."""
+    def prepare(self) -> tuple[int, str]:
+        """Validate and build; returns (exit code, backend the server should use).
+
+        Whether to build is the runtime's own backend decision (engines.factory.resolve_backend,
+        which the server makes again when it starts, with the same answer). The entrypoint only
+        probes more cheaply: TensorRT counts as present when it is installed (or a builder
+        command is injected), without opening a CUDA context in this process. A Jetson container
+        started without the NVIDIA runtime therefore tries the build, and the builder says why
+        it cannot, instead of the server quietly falling back to the CPU.
+        """
         cfg = self.config
-        from engines.bundle import Bundle  # torch-free; imported late so --help works anywhere
-        from engines.errors import BundleError
+        # torch-free; imported late so --help works anywhere
+        from engines.bundle import Bundle
+        from engines.errors import BackendUnavailable, BundleError
+        from engines.factory import resolve_backend
 
         log.info("validating bundle %s (manifest + sha256 of every file)", cfg.bundle)
         try:
@@ -355,11 +370,15 @@ class Entrypoint:
             return self._fail(EXIT_BUNDLE, f"invalid bundle at {cfg.bundle}: {exc}")
         log.info("bundle %r ok", bundle.manifest.name)
 
-        if cfg.backend == "onnxruntime":
-            log.info("backend onnxruntime: no TensorRT engines to build")
-            return EXIT_OK, cfg.backend
-        if cfg.backend == "auto" and cfg.build_cmd is None and not tensorrt_importable():
-            log.info("backend auto and TensorRT is not installed here: serving with ONNX Runtime")
+        try:
+            choice = resolve_backend(
+                bundle.manifest, cfg.backend,
+                present={"tensorrt": cfg.build_cmd is not None or tensorrt_importable()},
+            )  # fmt: skip
+        except BackendUnavailable as exc:
+            return self._fail(EXIT_USAGE, f"backend {cfg.backend}: {exc}")
+        if choice.kind != "tensorrt":
+            log.info("%s: no TensorRT engines to build", choice.reason)
             return EXIT_OK, cfg.backend
 
         try:
@@ -374,18 +393,19 @@ class Entrypoint:
                 "mounted read-only in the container, so set SAM3_ENGINES_DIR to a writable volume",
             )
 
-        assert self.status
-        self.status.set(BUILDING, "waiting for the build lock")
+        status = self.status
+        assert status is not None
+        status.set(BUILDING, "waiting for the build lock")
 
         def on_wait(holder: str) -> None:
-            self.status.set(BUILDING, f"another process is building engines ({holder}); waiting")
+            status.set(BUILDING, f"another process is building engines ({holder}); waiting")
 
         try:
             lock_fd = acquire_build_lock(cfg.engines_dir, cfg.lock_timeout_s, on_wait)
         except LockTimeout as exc:
             return self._build_failed(f"timed out waiting for the engine build lock: {exc}")
         try:
-            self.status.set(BUILDING, f"precision {cfg.precision}")
+            status.set(BUILDING, f"precision {cfg.precision}")
             started = time.monotonic()
             returncode = self._run_builder()
             elapsed = time.monotonic() - started

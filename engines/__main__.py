@@ -23,11 +23,12 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from engines.backend import BACKEND_KINDS, open_backend
 from engines.bundle import PART_NAMES, Bundle, TensorNames
 from engines.errors import BackendUnavailable, InvalidOption, Sam3Error
+from engines.factory import BACKEND_KINDS, open_backend
+from engines.options import SegmentOptions
 from engines.postprocess import MASK_FORMATS, result_document
-from engines.types import PromptResult
+from engines.types import STAGES, PromptResult
 
 EXIT_OK, EXIT_ERROR, EXIT_UNAVAILABLE = 0, 1, 2
 ENGINES_DIR_ENV = "SAM3_ENGINES_DIR"  # shared with the server and the container entrypoint
@@ -116,13 +117,7 @@ def _engines_dir_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from engines.tensorrt import (
-        DEFAULT_WORKSPACE_MB,
-        BuildSettings,
-        _DeviceThread,
-        _import_tensorrt,
-        ensure_plan,
-    )
+    from engines.tensorrt import DEFAULT_WORKSPACE_MB, BuildSettings, DeviceThread, check_tensorrt, ensure_plan
 
     bundle = Bundle(args.bundle)
     settings = BuildSettings(
@@ -131,12 +126,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
     )
     engines_dir = Path(args.engines_dir) if args.engines_dir else bundle.engines_dir
-    trt = _import_tensorrt()  # BackendUnavailable -> exit 2 with the reason
-    device = _DeviceThread()
+    version = check_tensorrt()  # BackendUnavailable -> exit 2 with the reason
+    device = DeviceThread()
     try:
         cc = device.cuda.compute_capability
         print(
-            f"TensorRT {trt.__version__} on {device.cuda.name} (sm {cc}), {settings.precision}, "
+            f"TensorRT {version} on {device.cuda.name} (sm {cc}), {settings.precision}, "
             f"workspace {settings.workspace_mb} MiB -> {engines_dir}"
         )
         for part in args.parts:
@@ -177,7 +172,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             "image_encoder": {TensorNames.PIXEL_VALUES: pixel_values},
             "text_encoder": {TensorNames.INPUT_IDS: ids, TensorNames.ATTENTION_MASK: mask},
             # Decoder fed the *reference* encoder outputs: each part is judged on its own.
-            "decoder": reference._decoder_feed(image_emb, text_emb, 0, len(text_emb.prompts)),
+            "decoder": reference.decoder_inputs(image_emb, text_emb),
         }
         report: dict[str, Any] = {"precision": args.precision, "device": trt_backend.device, "parts": {}}
         for name in PART_NAMES:
@@ -214,23 +209,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from engines.pipeline import Sam3Pipeline
 
-    if args.out and not args.out.lower().endswith(".png"):  # refuse before any compute
+    # Refuse bad options before any compute.
+    if args.out and not args.out.lower().endswith(".png"):
         raise InvalidOption(f"--out must name a .png file, got {args.out!r}")
-    options: dict[str, Any] = {"engines_dir": args.engines_dir}
-    if args.max_megapixels is not None:
-        options["max_megapixels"] = args.max_megapixels
+    options = SegmentOptions(
+        score_threshold=args.score_threshold,
+        mask_threshold=args.mask_threshold,
+        max_detections=args.max_detections,
+        with_masks=args.mask_format != "none" or args.out is not None,
+    )
     with Sam3Pipeline.from_bundle(
-        args.bundle, args.backend, max_prompts=max(len(args.prompts), 1), **options
+        args.bundle,
+        args.backend,
+        max_prompts=max(len(args.prompts), 1),
+        max_megapixels=args.max_megapixels,
+        engines_dir=args.engines_dir,
     ) as pipe:
         image = pipe.load_image(args.image)
-        result = pipe.segment(
-            image,
-            args.prompts,
-            score_threshold=args.score_threshold,
-            mask_threshold=args.mask_threshold,
-            max_detections=args.max_detections,
-            with_masks=args.mask_format != "none" or args.out is not None,
-        )
+        result = pipe.segment(image, args.prompts, options)
         device = pipe.backend.device
     width, height = result.image_size
     print(f"{Path(args.image).name}: {width}x{height}, backend {result.extra['backend']} on {device}")
@@ -322,7 +318,7 @@ def write_png(path: str, bgr: np.ndarray) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engines.pipeline import STAGES, Sam3Pipeline
+    from engines.pipeline import Sam3Pipeline
 
     if args.iterations < 1 or args.warmup < 0:
         raise InvalidOption("--iterations must be >= 1 and --warmup >= 0")

@@ -2,9 +2,8 @@
 
 The pipeline never knows whether TensorRT or ONNX Runtime is underneath: both load a
 :class:`~engines.bundle.PartSpec` and expose ``run(inputs) -> outputs`` keyed by the
-manifest's tensor names. :func:`open_backend` picks one; ``auto`` prefers TensorRT when the
-``tensorrt`` module imports and a CUDA device answers, and falls back to ONNX Runtime (a
-laptop, CI, a Jetson before its engines are built).
+manifest's tensor names. Which one runs is decided in ``engines/factory.py``; this module
+imports no backend, so every backend can import it.
 
 Inputs are checked against the PartSpec *before* they reach an engine: TensorRT given a
 wrong dtype reads the bytes as the engine's type and returns garbage without complaint, and
@@ -15,16 +14,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from engines.bundle import BATCH, Bundle, PartSpec
-from engines.errors import BackendUnavailable, EngineError
-
-BackendKind = Literal["auto", "onnxruntime", "tensorrt"]
-BACKEND_KINDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt")
+from engines.bundle import BATCH, PartSpec
+from engines.errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -72,68 +67,6 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
-
-
-def open_backend(
-    bundle: Bundle | str | os.PathLike[str],
-    kind: str = "auto",
-    *,
-    precision: str | None = None,
-    threads: int | None = None,
-    providers: list[str] | None = None,
-    build_missing: bool = True,
-    engines_dir: str | os.PathLike[str] | None = None,
-) -> Backend:
-    """Open a backend for ``bundle``.
-
-    ``auto``: TensorRT when importable and a GPU is present, else ONNX Runtime. An explicit
-    ``tensorrt`` or ``onnxruntime`` that cannot be had raises :class:`BackendUnavailable`
-    instead of silently running elsewhere (a benchmark on the wrong backend is worse than none).
-    ``precision`` (TensorRT: fp16 default, fp32), ``threads`` / ``providers`` (ONNX Runtime),
-    ``build_missing`` (TensorRT: build plans that are absent or stale instead of failing),
-    ``engines_dir`` (where plans and caches live; default ``BUNDLE/engines``, the container
-    uses a writable volume because it mounts the bundle read-only).
-    """
-    if kind not in BACKEND_KINDS:
-        raise BackendUnavailable(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
-    if not isinstance(bundle, Bundle):
-        bundle = Bundle(bundle)
-    requested = kind
-    cpu_only = bool(bundle.manifest.export.get("quantization", {}).get("cpu_only"))
-    if kind == "auto":
-        from engines import tensorrt as trt_backend
-
-        kind = "tensorrt" if trt_backend.tensorrt_available() and not cpu_only else "onnxruntime"
-    if kind == "tensorrt" and cpu_only:
-        # MatMulInteger / DynamicQuantizeLinear are not in TensorRT's ONNX parser: refuse up front
-        # rather than fail deep inside a build.
-        raise BackendUnavailable(
-            "this bundle is int8-quantized for ONNX Runtime on a CPU; build TensorRT engines from "
-            "the fp32 bundle it was made from")
-    if kind == "tensorrt":
-        from engines.tensorrt import TensorRTBackend
-
-        return TensorRTBackend(
-            bundle,
-            precision=precision or "fp16",
-            build_missing=build_missing,
-            engines_dir=Path(engines_dir) if engines_dir is not None else None,
-        )
-    from engines.onnxruntime import OnnxRuntimeBackend
-
-    if requested == "auto":
-        precision = None  # a TensorRT precision request does not bind the fallback
-    if precision not in (None, "fp32"):
-        # The ONNX graphs are fp32; fp16 on ORT would need a converted graph we do not ship.
-        raise BackendUnavailable(
-            f"onnxruntime runs the bundle's fp32 graphs; precision {precision!r} is not available"
-        )
-    return OnnxRuntimeBackend(
-        bundle,
-        threads=threads,
-        providers=providers,
-        engines_dir=Path(engines_dir) if engines_dir is not None else None,
-    )
 
 
 def validate_inputs(spec: PartSpec, inputs: Mapping[str, np.ndarray], max_batch: int | None = None) -> int:

@@ -3,13 +3,18 @@
 The shape follows nanoowl's ``OwlPredictor``: ``encode_image`` and ``encode_text`` return
 small dataclasses the server caches (:class:`~engines.types.ImageEmbedding`,
 :class:`~engines.types.TextEmbedding`), and ``decode`` combines them. ``segment`` is the
-one-call convenience the CLI uses.
+one-call convenience the CLI uses; given embeddings it runs only the decoder, which is how the
+server uses it after its cache lookups.
 
 Every size, name and dtype comes from the bundle manifest, so a SAM3-Small or LoRA bundle
-runs through the same code as full SAM3.
+runs through the same code as full SAM3. What a caller may ask is one
+:class:`~engines.options.SegmentOptions`, bounded by the pipeline's
+:class:`~engines.options.Limits`.
 
-Thread-safety: a pipeline is driven by one thread at a time (the server's single inference
-worker). The counters and timings below are plain attributes, not locked.
+Thread-safety: the engine calls (``encode_*``, ``decode``, ``segment``) are driven by one thread
+at a time (the server's single inference worker); ``stage_calls`` is a plain counter. Timings
+are measured per call and returned in the results, so ``load_image`` and the validation helpers
+are safe from any thread.
 """
 
 from __future__ import annotations
@@ -17,21 +22,56 @@ from __future__ import annotations
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from engines.backend import Backend, PartRunner, open_backend
+from engines.backend import Backend, PartRunner
 from engines.bundle import PART_NAMES, Bundle, TensorNames
-from engines.errors import BundleError, InvalidInput, InvalidOption
+from engines.errors import BundleError, InvalidInput
+from engines.factory import open_backend
+from engines.options import Limits, SegmentOptions
 from engines.postprocess import postprocess
-from engines.preprocess import DEFAULT_MAX_MEGAPIXELS, ImageSource, load_image, to_pixel_values
-from engines.tokenizer import DEFAULT_MAX_CHARS, PromptTokenizer
-from engines.types import ImageEmbedding, LoadedImage, PromptResult, SegmentResult, TextEmbedding
+from engines.preprocess import ImageSource, load_image, to_pixel_values
+from engines.tokenizer import PromptTokenizer
+from engines.types import (
+    STAGES,
+    ImageEmbedding,
+    LoadedImage,
+    PromptResult,
+    Prompts,
+    SegmentResult,
+    TextEmbedding,
+)
 
-DEFAULT_MAX_PROMPTS = 16
-STAGES = ("preprocess", "image_encoder", "text_encoder", "decoder", "postprocess")
+__all__ = ["STAGES", "Sam3Pipeline"]
+
+
+class _Stopwatch:
+    """Milliseconds per stage of one call: a local object, so the pipeline holds no timing state."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, (time.perf_counter() - started) * 1000.0)
+
+    def add(self, name: str, ms: float) -> None:
+        self.ms[name] = self.ms.get(name, 0.0) + ms
+
+    def merge(self, timings: dict[str, float]) -> None:
+        for name, ms in timings.items():
+            self.add(name, ms)
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(ms, 3) for name, ms in self.ms.items()}
 
 
 class Sam3Pipeline:
@@ -42,20 +82,27 @@ class Sam3Pipeline:
         bundle: Bundle,
         backend: Backend,
         *,
-        max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
-        max_prompts: int = DEFAULT_MAX_PROMPTS,
-        max_prompt_chars: int = DEFAULT_MAX_CHARS,
+        limits: Limits | None = None,
+        max_megapixels: float | None = None,
+        max_prompts: int | None = None,
+        max_prompt_chars: int | None = None,
     ) -> None:
-        if max_prompts < 1 or max_prompt_chars < 1 or max_megapixels <= 0:
-            raise InvalidOption("max_prompts, max_prompt_chars and max_megapixels must be positive")
+        """``limits`` (default :class:`Limits`'s), with any ``max_*`` keyword given in its place."""
+        given = {
+            name: value
+            for name, value in (
+                ("max_megapixels", max_megapixels),
+                ("max_prompts", max_prompts),
+                ("max_prompt_chars", max_prompt_chars),
+            )
+            if value is not None
+        }
+        self.limits = replace(limits or Limits(), **given)
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.backend = backend
-        self.max_megapixels = float(max_megapixels)
-        self.max_prompts = int(max_prompts)
-        self.max_prompt_chars = int(max_prompt_chars)
         self.tokenizer = PromptTokenizer.from_bundle(
-            bundle, max_chars=max_prompt_chars, max_prompts=max_prompts
+            bundle, max_chars=self.limits.max_prompt_chars, max_prompts=self.limits.max_prompts
         )
         image_part = self.manifest.part("image_encoder")
         text_part = self.manifest.part("text_encoder")
@@ -68,14 +115,14 @@ class Sam3Pipeline:
         # Load all three parts now: a missing plan or a bad graph fails at startup, not at the
         # first request (and /readyz can mean "ready").
         self.parts: dict[str, PartRunner] = {name: backend.load(name) for name in PART_NAMES}
-        # Keyed by weights, not by the ONNX file: LoRA bundles that only touch the decoder share
-        # the image encoder, so they can share the server's embedding cache.
+        # Cache keys. Keyed by weights, not by the ONNX file: LoRA bundles that only touch the
+        # decoder share the image encoder, so they can share the server's embedding cache.
         self.encoder_key = image_part.weights_sha256 or image_part.sha256
+        # A text embedding depends on the text encoder's weights and on the tokenizer.
         self.text_encoder_key = (
             f"{text_part.weights_sha256 or text_part.sha256}:{self.tokenizer.tokenizer_hash}"
         )
         self.stage_calls: Counter[str] = Counter()
-        self.last_timings_ms: dict[str, float] = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -85,18 +132,23 @@ class Sam3Pipeline:
         path: str | Path | Bundle,
         backend: str = "auto",
         *,
-        max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
-        max_prompts: int = DEFAULT_MAX_PROMPTS,
-        max_prompt_chars: int = DEFAULT_MAX_CHARS,
+        limits: Limits | None = None,
+        max_megapixels: float | None = None,
+        max_prompts: int | None = None,
+        max_prompt_chars: int | None = None,
         **backend_options: Any,
     ) -> "Sam3Pipeline":
-        """Open a bundle directory and a backend (``auto``, ``onnxruntime`` or ``tensorrt``)."""
+        """Open a bundle directory and a backend (``auto``, ``onnxruntime`` or ``tensorrt``).
+
+        ``backend_options`` are :func:`engines.factory.open_backend`'s keywords.
+        """
         bundle = path if isinstance(path, Bundle) else Bundle(path)
         engine = open_backend(bundle, backend, **backend_options)
         try:
             return cls(
                 bundle,
                 engine,
+                limits=limits,
                 max_megapixels=max_megapixels,
                 max_prompts=max_prompts,
                 max_prompt_chars=max_prompt_chars,
@@ -125,50 +177,79 @@ class Sam3Pipeline:
             "backend": self.backend.describe(),
             "max_batch": {name: part.max_batch for name, part in self.parts.items()},
             "limits": {
-                "max_megapixels": self.max_megapixels,
-                "max_prompts": self.max_prompts,
-                "max_prompt_chars": self.max_prompt_chars,
+                "max_megapixels": self.limits.max_megapixels,
+                "max_prompts": self.limits.max_prompts,
+                "max_prompt_chars": self.limits.max_prompt_chars,
+                "max_detections": self.limits.max_detections,
             },
             "encoder_key": self.encoder_key,
+            "text_encoder_key": self.text_encoder_key,
         }
+
+    # ------------------------------------------------------------------ checks (any thread)
+
+    def segment_options(
+        self,
+        options: SegmentOptions | None = None,
+        *,
+        score_threshold: float | None = None,
+        mask_threshold: float | None = None,
+        max_detections: int | None = None,
+        with_masks: bool | None = None,
+    ) -> SegmentOptions:
+        """One call's options (``options`` and/or keywords) under this pipeline's limits."""
+        return SegmentOptions.of(
+            options, score_threshold=score_threshold, mask_threshold=mask_threshold,
+            max_detections=max_detections, with_masks=with_masks,
+        ).within(self.limits)  # fmt: skip
+
+    def check_prompts(self, prompts: Sequence[str]) -> Prompts:
+        """Typed errors for prompts this pipeline would refuse; checked prompts are not re-checked."""
+        return self.tokenizer.validate(prompts)
+
+    def load_image(self, source: ImageSource, *, image_id: str | None = None) -> LoadedImage:
+        """Decode with EXIF orientation under this pipeline's megapixel limit.
+
+        ``image_id``: the bytes' sha256 when the caller already has it (not hashed again).
+        """
+        return load_image(source, max_megapixels=self.limits.max_megapixels, image_id=image_id)
 
     # ------------------------------------------------------------------ stages
 
-    def load_image(self, source: ImageSource) -> LoadedImage:
-        """Decode with EXIF orientation under this pipeline's megapixel limit."""
-        with self._timed("preprocess"):
-            return load_image(source, max_megapixels=self.max_megapixels)
-
     def encode_image(self, image: LoadedImage | ImageSource) -> ImageEmbedding:
         """Image-encoder outputs (FPN levels + geometry CLS) for one image, batch 1."""
+        watch = _Stopwatch()
         if not isinstance(image, LoadedImage):
-            image = self.load_image(image)
+            with watch.stage("preprocess"):
+                image = self.load_image(image)
         part = self.parts["image_encoder"]
         spec = part.spec.input(TensorNames.PIXEL_VALUES)
-        with self._timed("preprocess"):
+        with watch.stage("preprocess"):
             pixel_values = to_pixel_values(image.pixels, self.manifest.preprocessing).astype(
                 spec.dtype, copy=False
             )
-        with self._timed("image_encoder"):
+        with watch.stage("image_encoder"):
             outputs = part.run({spec.name: pixel_values})
         self.stage_calls["image_encoder"] += 1
         return ImageEmbedding(
             image_id=image.image_id,
-            original_size=(image.height, image.width),
+            image_size=image.size,
             tensors=outputs,
             encoder_key=self.encoder_key,
+            timings_ms=watch.rounded(),
         )
 
     def encode_text(self, prompts: Sequence[str]) -> TextEmbedding:
         """Text features and mask for N prompts (chunked only beyond the part's max batch)."""
-        with self._timed("preprocess"):
+        watch = _Stopwatch()
+        with watch.stage("preprocess"):
             items = self.tokenizer.validate(prompts)
             input_ids, attention_mask = self.tokenizer.encode(items)
         part = self.parts["text_encoder"]
         ids_spec = part.spec.input(TensorNames.INPUT_IDS)
         mask_spec = part.spec.input(TensorNames.ATTENTION_MASK)
         features = []
-        with self._timed("text_encoder"):
+        with watch.stage("text_encoder"):
             for start in range(0, len(items), part.max_batch):
                 chunk = slice(start, start + part.max_batch)
                 out = part.run(
@@ -186,24 +267,35 @@ class Sam3Pipeline:
                 TensorNames.TEXT_FEATURES: np.concatenate(features, axis=0),
                 TensorNames.TEXT_MASK: attention_mask,
             },
+            timings_ms=watch.rounded(),
         )
 
     def decode(
         self,
         image_emb: ImageEmbedding,
         text_emb: TextEmbedding,
+        options: SegmentOptions | None = None,
         *,
-        score_threshold: float = 0.5,
-        mask_threshold: float = 0.5,
+        score_threshold: float | None = None,
+        mask_threshold: float | None = None,
         max_detections: int | None = None,
-        with_masks: bool = True,
+        with_masks: bool | None = None,
     ) -> list[PromptResult]:
         """Detections per prompt: all prompts in ONE decoder call (chunked only past max batch).
 
         The decoder graph takes the image features with batch 1 and broadcasts them over the
         prompt batch, so N prompts cost one image-feature upload and one launch, not N.
+        ``segment`` with the two embeddings does the same and also returns the stage timings.
         """
-        _check_options(score_threshold, mask_threshold, max_detections)
+        chosen = self.segment_options(
+            options, score_threshold=score_threshold, mask_threshold=mask_threshold,
+            max_detections=max_detections, with_masks=with_masks,
+        )  # fmt: skip
+        return self._decode(image_emb, text_emb, chosen, _Stopwatch())
+
+    def _decode(
+        self, image_emb: ImageEmbedding, text_emb: TextEmbedding, options: SegmentOptions, watch: _Stopwatch
+    ) -> list[PromptResult]:
         if image_emb.encoder_key and image_emb.encoder_key != self.encoder_key:
             raise InvalidInput("this image embedding was computed by a different image encoder")
         count = len(text_emb.prompts)
@@ -211,34 +303,32 @@ class Sam3Pipeline:
             raise InvalidInput("the text embedding holds no prompts")
         part = self.parts["decoder"]
         outputs: dict[str, list[np.ndarray]] = {name: [] for name in part.spec.output_names}
-        with self._timed("decoder"):
+        with watch.stage("decoder"):
             for start in range(0, count, part.max_batch):
                 stop = min(start + part.max_batch, count)
-                feed = self._decoder_feed(image_emb, text_emb, start, stop)
-                for name, value in part.run(feed).items():
+                for name, value in part.run(self.decoder_inputs(image_emb, text_emb, start, stop)).items():
                     outputs[name].append(value)
                 self.stage_calls["decoder"] += 1
         merged = {name: np.concatenate(chunks, axis=0) for name, chunks in outputs.items()}
         results = []
-        with self._timed("postprocess"):
+        with watch.stage("postprocess"):
             for i, prompt in enumerate(text_emb.prompts):
                 detections = postprocess(
                     merged[TensorNames.PRED_MASKS][i],
                     merged[TensorNames.PRED_BOXES][i],
                     merged[TensorNames.PRED_LOGITS][i],
                     float(np.asarray(merged[TensorNames.PRESENCE_LOGITS][i]).reshape(-1)[0]),
-                    original_size=image_emb.original_size,
-                    score_threshold=score_threshold,
-                    mask_threshold=mask_threshold,
-                    max_detections=max_detections,
-                    with_masks=with_masks,
+                    image_emb.image_size.shape,
+                    options,
                 )
                 results.append(PromptResult(prompt=prompt, detections=tuple(detections)))
         return results
 
-    def _decoder_feed(
-        self, image_emb: ImageEmbedding, text_emb: TextEmbedding, start: int, stop: int
+    def decoder_inputs(
+        self, image_emb: ImageEmbedding, text_emb: TextEmbedding, start: int = 0, stop: int | None = None
     ) -> dict[str, np.ndarray]:
+        """The decoder's feed for prompts ``start:stop``, by the manifest's input names and dtypes."""
+        stop = len(text_emb.prompts) if stop is None else stop
         feed: dict[str, np.ndarray] = {}
         for tensor in self.parts["decoder"].spec.inputs:
             if tensor.name in image_emb.tensors:
@@ -261,62 +351,51 @@ class Sam3Pipeline:
         self,
         image: ImageEmbedding | LoadedImage | ImageSource,
         prompts: TextEmbedding | Sequence[str],
+        options: SegmentOptions | None = None,
         *,
-        score_threshold: float = 0.5,
-        mask_threshold: float = 0.5,
+        score_threshold: float | None = None,
+        mask_threshold: float | None = None,
         max_detections: int | None = None,
-        with_masks: bool = True,
+        with_masks: bool | None = None,
     ) -> SegmentResult:
-        """Image + prompts -> :class:`SegmentResult` with per-stage ``timings_ms``.
+        """Image + prompts -> :class:`SegmentResult` with the ``timings_ms`` of what this call ran.
 
         Cheap checks run first (options, prompts), so bad input costs no encoder time.
-        ``image`` may be an :class:`ImageEmbedding` (a cache hit: no image encoder run).
+        ``image`` may be an :class:`ImageEmbedding` and ``prompts`` a :class:`TextEmbedding`
+        (computed or cached earlier): those stages are not run and count 0 ms here.
         """
         started = time.perf_counter()
-        self.last_timings_ms = {stage: 0.0 for stage in STAGES}
-        _check_options(score_threshold, mask_threshold, max_detections)
+        chosen = self.segment_options(
+            options, score_threshold=score_threshold, mask_threshold=mask_threshold,
+            max_detections=max_detections, with_masks=with_masks,
+        )  # fmt: skip
+        watch = _Stopwatch()
         if not isinstance(prompts, TextEmbedding):
-            prompts = self.tokenizer.validate(prompts)
+            with watch.stage("preprocess"):
+                prompts = self.check_prompts(prompts)
         cache_hit = isinstance(image, ImageEmbedding)
         if not isinstance(image, (ImageEmbedding, LoadedImage)):
-            image = self.load_image(image)
-        text_emb = prompts if isinstance(prompts, TextEmbedding) else self.encode_text(prompts)
-        image_emb = image if isinstance(image, ImageEmbedding) else self.encode_image(image)
-        results = self.decode(
-            image_emb,
-            text_emb,
-            score_threshold=score_threshold,
-            mask_threshold=mask_threshold,
-            max_detections=max_detections,
-            with_masks=with_masks,
-        )
-        timings = dict(self.last_timings_ms)
+            with watch.stage("preprocess"):
+                image = self.load_image(image)
+        if isinstance(prompts, TextEmbedding):
+            text_emb = prompts
+        else:
+            text_emb = self.encode_text(prompts)
+            watch.merge(text_emb.timings_ms)
+        if isinstance(image, ImageEmbedding):
+            image_emb = image
+        else:
+            image_emb = self.encode_image(image)
+            watch.merge(image_emb.timings_ms)
+        results = self._decode(image_emb, text_emb, chosen, watch)
+        timings = {stage: 0.0 for stage in STAGES}
+        timings.update(watch.ms)
         timings["total"] = (time.perf_counter() - started) * 1000.0
-        height, width = image_emb.original_size
         return SegmentResult(
             image_id=image_emb.image_id,
-            image_size=(width, height),
+            image_size=image_emb.image_size,
             results=results,
             timings_ms={k: round(v, 3) for k, v in timings.items()},
             cache_hit=cache_hit,
             extra={"backend": self.backend.kind, "precision": self.backend.precision},
         )
-
-    @contextmanager
-    def _timed(self, stage: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = (time.perf_counter() - started) * 1000.0
-            self.last_timings_ms[stage] = self.last_timings_ms.get(stage, 0.0) + elapsed
-
-
-def _check_options(score_threshold: float, mask_threshold: float, max_detections: int | None) -> None:
-    for name, value in (("score_threshold", score_threshold), ("mask_threshold", mask_threshold)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise InvalidOption(f"{name} must be a number in [0, 1], got {value!r}")
-    if max_detections is not None and (
-        isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 0
-    ):
-        raise InvalidOption(f"max_detections must be a non-negative integer or None, got {max_detections!r}")

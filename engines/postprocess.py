@@ -22,7 +22,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from engines.errors import InvalidOption
-from engines.types import Detection, PromptResult
+from engines.options import SegmentOptions
+from engines.types import Detection, ImageSize, PromptResult
 
 MASK_FORMATS = ("rle", "png", "polygon", "none")
 
@@ -32,30 +33,29 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
-def _check_threshold(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise InvalidOption(f"{name} must be in [0, 1], got {value}")
-    return value
-
-
 def postprocess(
     pred_masks: np.ndarray,
     pred_boxes: np.ndarray,
     pred_logits: np.ndarray,
     presence_logit: np.ndarray | float,
     original_size: tuple[int, int],
+    options: SegmentOptions | None = None,
     *,
-    score_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
+    score_threshold: float | None = None,
+    mask_threshold: float | None = None,
     max_detections: int | None = None,
-    with_masks: bool = True,
+    with_masks: bool | None = None,
 ) -> tuple[Detection, ...]:
-    """Detections of one prompt: masks [Q, h, w] logits, boxes [Q, 4], logits [Q], presence [1]."""
-    score_threshold = _check_threshold("score_threshold", score_threshold)
-    mask_threshold = _check_threshold("mask_threshold", mask_threshold)
-    if max_detections is not None and int(max_detections) < 0:
-        raise InvalidOption(f"max_detections must be >= 0, got {max_detections}")
+    """Detections of one prompt: masks [Q, h, w] logits, boxes [Q, 4], logits [Q], presence [1].
+
+    ``original_size`` is numpy's (height, width) of the original image (``ImageSize.shape``).
+    """
+    options = SegmentOptions.of(
+        options, score_threshold=score_threshold, mask_threshold=mask_threshold,
+        max_detections=max_detections, with_masks=with_masks,
+    )  # fmt: skip
+    score_threshold, mask_threshold = float(options.score_threshold), float(options.mask_threshold)
+    max_detections, with_masks = options.max_detections, options.with_masks
     height, width = (int(v) for v in original_size)
     logits = np.asarray(pred_logits, dtype=np.float32).reshape(-1)
     boxes = np.asarray(pred_boxes, dtype=np.float32).reshape(-1, 4)
@@ -142,13 +142,13 @@ def decode_mask(data: dict[str, Any]) -> np.ndarray:
 
 
 def result_document(
-    image_size: tuple[int, int], results: Sequence[PromptResult], mask_format: str = "rle"
+    image_size: ImageSize | tuple[int, int], results: Sequence[PromptResult], mask_format: str = "rle"
 ) -> dict[str, Any]:
     """The response document of ``python -m engines segment --json`` and the server's /segment.
 
     ``{"image_size": {"width", "height"}, "results": [{"prompt", "detections": [{"score",
     "box": [x0, y0, x1, y1], "mask": {...} | None}]}]}``; detections keep their (descending
-    score) order. ``image_size`` is (width, height).
+    score) order. ``image_size`` is (width, height), as :class:`~engines.types.ImageSize`.
     """
     if mask_format not in MASK_FORMATS:
         raise InvalidOption(f"mask format {mask_format!r} is not one of {', '.join(MASK_FORMATS)}")

@@ -30,11 +30,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engines.bundle import Preprocessing
 from engines.errors import BundleError, ImageTooLarge, InvalidImage, UnsupportedImageType
+from engines.options import DEFAULT_MAX_MEGAPIXELS
 from engines.types import LoadedImage
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray, Image.Image]
 
-DEFAULT_MAX_MEGAPIXELS = 40.0
 SUPPORTED_RESIZE = "bilinear_antialias_uint8"
 
 # Our own limit (max_megapixels, checked from the header on every path) replaces Pillow's global
@@ -48,11 +48,13 @@ Image.MAX_IMAGE_PIXELS = None
 # ----------------------------------------------------------------------------------------------
 
 
-def load_image(source: ImageSource, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> LoadedImage:
+def load_image(source: ImageSource, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+               image_id: str | None = None) -> LoadedImage:
     """Decode ``source`` to RGB uint8 after EXIF orientation; typed errors for bad input.
 
     ``image_id`` is the sha256 of the encoded bytes (files and bytes) so that re-sending the same
     file hits the embedding cache; for arrays it hashes the pixel buffer plus its shape/dtype.
+    A caller that already hashed the bytes passes ``image_id`` so they are not hashed twice.
     """
     if isinstance(source, np.ndarray):
         pixels = _array_to_rgb(source)
@@ -74,7 +76,7 @@ def load_image(source: ImageSource, *, max_megapixels: float = DEFAULT_MAX_MEGAP
         data = bytes(source)
     else:
         raise UnsupportedImageType(f"cannot load an image from {type(source).__name__}")
-    return decode_image_bytes(data, max_megapixels=max_megapixels)
+    return decode_image_bytes(data, max_megapixels=max_megapixels, image_id=image_id)
 
 
 def decode_image_bytes(data: bytes, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,

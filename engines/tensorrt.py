@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import re
 import threading
@@ -30,13 +31,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from engines.backend import MemoryReport, host_rss_bytes, validate_inputs
 from engines.bundle import BATCH, PART_NAMES, Bundle, PartSpec, sha256_file, write_atomic
 from engines.errors import BackendUnavailable, EngineError
+
+if TYPE_CHECKING:
+    # The stubs (tensorrt-stubs): mypy checks every TensorRT call below against TensorRT's API.
+    # At run time TensorRT is imported inside the device functions only (absent off-device).
+    import tensorrt as trt
 
 T = TypeVar("T")
 
@@ -94,9 +100,14 @@ class BuildSettings:
             return 1
         return self.max_batch if self.max_batch is not None else max(1, spec.max_batch)
 
+    @property
+    def builder_flags(self) -> tuple[str, ...]:
+        """``trt.BuilderFlag`` member names this build sets."""
+        return ("FP16", "OBEY_PRECISION_CONSTRAINTS") if self.precision == "fp16" else ()
+
     def builder_config(self, spec: PartSpec) -> dict[str, Any]:
         """The IBuilderConfig this build will create, as data (logged, and unit-tested)."""
-        flags = ["FP16", "OBEY_PRECISION_CONSTRAINTS"] if self.precision == "fp16" else []
+        flags = list(self.builder_flags)
         shapes = profile_shapes(spec, self.max_batch_for(spec))
         return {
             "flags": flags,
@@ -258,7 +269,7 @@ def fp32_pinned_layers(
     pinned: list[str] = []
     by_type = 0
     for raw in layers:
-        layer = raw if isinstance(raw, LayerInfo) else LayerInfo(*raw)  # type: ignore[arg-type]
+        layer = raw if isinstance(raw, LayerInfo) else LayerInfo(*raw)
         names = {layer.name, *layer.onnx_nodes}
         hit = names & wanted
         seen |= hit
@@ -355,7 +366,18 @@ def tolerance_report(
 # ----------------------------------------------------------------------------------------
 
 
-def _import_tensorrt() -> Any:
+def tensorrt_installed() -> bool:
+    """Cheap: an installed TensorRT Python package (no import, no GPU probe).
+
+    A directory holding only type stubs (``tensorrt-stubs`` installs ``tensorrt/__init__.pyi``)
+    imports as an empty namespace package; it is not TensorRT, so it does not count.
+    """
+    spec = importlib.util.find_spec("tensorrt")
+    return spec is not None and spec.origin is not None
+
+
+def check_tensorrt() -> str:
+    """TensorRT's version if TensorRT 10 imports here, else :class:`BackendUnavailable` saying why."""
     try:
         import tensorrt as trt  # noqa: PLC0415 - lazy on purpose: absent off-device
     except ImportError as exc:
@@ -363,19 +385,51 @@ def _import_tensorrt() -> Any:
             "TensorRT is not installed here (import tensorrt failed); plans are built on the Jetson "
             "(JetPack 6 ships TensorRT 10): see engines/README.md"
         ) from exc
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
+    if getattr(trt, "__file__", None) is None:
         raise BackendUnavailable(
-            f"TensorRT {trt.__version__} found; this runtime needs TensorRT 10 (execute_async_v3)"
+            "TensorRT is not installed here (only its type stubs are); plans are built on the Jetson "
+            "(JetPack 6 ships TensorRT 10): see engines/README.md"
         )
-    return trt
+    version = str(trt.__version__)
+    if int(version.split(".")[0]) < 10:
+        raise BackendUnavailable(f"TensorRT {version} found; this runtime needs TensorRT 10 (execute_async_v3)")
+    return version
 
 
-class _Cuda:
-    """The few CUDA runtime calls we need, over cuda-python (preferred) or pycuda."""
+# trt.DataType member name -> numpy dtype; what trt.nptype answers, as a table we can test off-device
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "FLOAT": np.dtype(np.float32),
+    "HALF": np.dtype(np.float16),
+    "INT8": np.dtype(np.int8),
+    "UINT8": np.dtype(np.uint8),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "BOOL": np.dtype(np.bool_),
+}
+
+
+def numpy_dtype(datatype_name: str) -> np.dtype[Any]:
+    """numpy dtype of a ``trt.DataType`` member name; EngineError for types numpy cannot hold."""
+    try:
+        return _NUMPY_DTYPES[datatype_name]
+    except KeyError:
+        raise EngineError(f"TensorRT tensor type {datatype_name} has no numpy equivalent") from None
+
+
+class CudaDevice:
+    """The few CUDA runtime calls we need, over cuda-python (preferred) or pycuda.
+
+    Neither package ships type stubs: their values are ``Any`` here and converted to ``int`` at
+    this class's edge, so the TensorRT code that uses it sees typed values only.
+    """
 
     def __init__(self) -> None:
         self._allocations: dict[int, Any] = {}
+        self._rt: Any = None
+        self._drv: Any = None
+        self._stream: Any = None
+        self.capability: tuple[int, int] = (0, 0)
+        self.name = ""
         try:
             try:
                 from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
@@ -384,7 +438,7 @@ class _Cuda:
             self.flavour = "cuda-python"
             self._rt = cudart
             try:
-                count = self._check(cudart.cudaGetDeviceCount())
+                count = int(self._check(cudart.cudaGetDeviceCount()))
                 if count < 1:
                     raise BackendUnavailable("no CUDA device found")
                 self._check(cudart.cudaSetDevice(0))
@@ -405,7 +459,6 @@ class _Cuda:
                 "neither cuda-python nor pycuda is installed (pip install cuda-python)"
             ) from exc
         self.flavour = "pycuda"
-        self._rt = None
         try:
             drv.init()
             if drv.Device.count() < 1:
@@ -418,8 +471,9 @@ class _Cuda:
             raise BackendUnavailable(f"CUDA is not usable: {exc}") from exc
         self._drv = drv
         self._stream = drv.Stream()
-        self.capability = tuple(device.compute_capability())
-        self.name = device.name()
+        major, minor = device.compute_capability()
+        self.capability = (int(major), int(minor))
+        self.name = str(device.name())
 
     def _check(self, result: Any) -> Any:
         err, *values = result if isinstance(result, tuple) else (result,)
@@ -481,17 +535,17 @@ class _Cuda:
 
 @functools.lru_cache(maxsize=1)
 def tensorrt_available() -> bool:
-    """TensorRT 10 imports and a CUDA device answers (what ``open_backend('auto')`` asks)."""
+    """TensorRT 10 imports and a CUDA device answers (what ``auto`` asks, engines/factory.py)."""
     try:
-        _import_tensorrt()
-        cuda = _DeviceThread()
-        cuda.close()
+        check_tensorrt()
+        device = DeviceThread()
+        device.close()
         return True
     except Exception:  # noqa: BLE001 - "auto" must fall back to ORT on any driver/runtime failure
         return False
 
 
-class _DeviceThread:
+class DeviceThread:
     """One thread owns the CUDA context, the stream and every TensorRT call.
 
     pycuda contexts are per-thread, and TensorRT execution contexts must not be used from two
@@ -502,7 +556,7 @@ class _DeviceThread:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorrt")
         try:
-            self.cuda: _Cuda = self.call(_Cuda)
+            self.cuda: CudaDevice = self.call(CudaDevice)
         except BaseException:
             self._executor.shutdown(wait=False)
             raise
@@ -524,12 +578,12 @@ class BuildResult:
     log: dict[str, Any] = field(default_factory=dict)
 
 
-def _layer_infos(trt: Any, network: Any) -> list[LayerInfo]:
+def _layer_infos(network: trt.INetworkDefinition) -> list[LayerInfo]:
     infos = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         dtypes = tuple(layer.get_output(j).dtype.name for j in range(layer.num_outputs))
-        infos.append(LayerInfo(layer.name, layer.type.name, dtypes, getattr(layer, "metadata", "") or ""))
+        infos.append(LayerInfo(layer.name, layer.type.name, dtypes, layer.metadata or ""))
     return infos
 
 
@@ -537,7 +591,7 @@ def ensure_plan(
     bundle: Bundle,
     part: str,
     settings: BuildSettings,
-    cuda: _Cuda,
+    cuda: CudaDevice,
     *,
     force: bool = False,
     engines_dir: Path | None = None,
@@ -547,10 +601,10 @@ def ensure_plan(
     ``engines_dir`` defaults to ``BUNDLE/engines``; the container points it at a writable
     volume because the bundle itself is mounted read-only.
     """
-    trt = _import_tensorrt()
+    version = check_tensorrt()
     spec = bundle.part(part)
     engines_dir = Path(engines_dir) if engines_dir is not None else bundle.engines_dir
-    key = key_for(spec, settings, trt.__version__, cuda.compute_capability)
+    key = key_for(spec, settings, version, cuda.compute_capability)
     plan = plan_path(engines_dir, part, key)
     if not force and is_plan_current(plan, key):
         return BuildResult(part, plan, key, built=False, log=json.loads(build_log_path(plan).read_text()))
@@ -561,10 +615,12 @@ def ensure_plan(
 
 
 def build_plan(
-    bundle: Bundle, part: str, settings: BuildSettings, cuda: _Cuda, *, key: str, engines_dir: Path
+    bundle: Bundle, part: str, settings: BuildSettings, cuda: CudaDevice, *, key: str, engines_dir: Path
 ) -> BuildResult:
     """Build one plan with TensorRT's ONNX parser and write it + its build log atomically."""
-    trt = _import_tensorrt()
+    version = check_tensorrt()
+    import tensorrt as trt
+
     spec = bundle.part(part)
     started = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -581,12 +637,12 @@ def build_plan(
     config.builder_optimization_level = settings.builder_optimization_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     described = settings.builder_config(spec)
-    for flag in described["flags"]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in settings.builder_flags:
+        config.set_flag(trt.BuilderFlag.__members__[flag])
 
     pins = PinPlan((), 0, ())
     if settings.precision == "fp16":
-        pins = fp32_pinned_layers(_layer_infos(trt, network), spec.fp32_layers)
+        pins = fp32_pinned_layers(_layer_infos(network), spec.fp32_layers)
         pinned = set(pins.pinned)
         for i in range(network.num_layers):
             layer = network.get_layer(i)
@@ -597,10 +653,11 @@ def build_plan(
                 for j in range(layer.num_outputs):
                     layer.set_output_type(j, trt.float32)
 
-    for profile_spec in described["optimization_profiles"]:
+    shapes = profile_shapes(spec, settings.max_batch_for(spec))
+    if shapes:  # the same profile builder_config() describes in the build log
         profile = builder.create_optimization_profile()
-        for name, dims in profile_spec.items():
-            profile.set_shape(name, dims["min"], dims["opt"], dims["max"])
+        for name, (smallest, optimal, largest) in shapes.items():
+            profile.set_shape(name, trt.Dims(list(smallest)), trt.Dims(list(optimal)), trt.Dims(list(largest)))
         config.add_optimization_profile(profile)
 
     cache_file = engines_dir / TIMING_CACHE_FILE
@@ -637,7 +694,7 @@ def build_plan(
         "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
         "key_inputs": {
             "onnx_sha256": spec.sha256,
-            "tensorrt": trt.__version__,
+            "tensorrt": version,
             "compute_capability": cuda.compute_capability,
             "precision": settings.precision,
         },
@@ -666,12 +723,13 @@ class TensorRTPart:
     at 1008 px, and the Orin Nano's GPU memory is the system's memory.
     """
 
-    def __init__(self, engine: Any, spec: PartSpec, device: _DeviceThread, trt: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine: trt.ICudaEngine, spec: PartSpec, device: DeviceThread) -> None:
+        import tensorrt as trt
+
+        self.engine: trt.ICudaEngine | None = engine
         self.spec = spec
         self._device = device
-        self._trt = trt
-        self.context = engine.create_execution_context()
+        self.context: trt.IExecutionContext | None = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
         outputs = set(names) - inputs
@@ -679,6 +737,8 @@ class TensorRTPart:
             raise EngineError(
                 f"{spec.name}: plan tensors {sorted(inputs)} -> {sorted(outputs)} do not match the manifest"
             )
+        # What the plan itself holds (the ONNX graph's types), not what the manifest claims.
+        self._dtypes = {name: numpy_dtype(engine.get_tensor_dtype(name).name) for name in names}
         self.max_batch = 1
         for tensor in spec.inputs:
             if tensor.has_batch:
@@ -701,10 +761,12 @@ class TensorRTPart:
         return self._device.call(self._run, inputs)
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        trt, cuda, context = self._trt, self._device.cuda, self.context
+        cuda, context = self._device.cuda, self.context
+        if context is None:
+            raise EngineError(f"{self.spec.name}: this engine is closed")
         hosts = []  # keep host arrays alive until the stream is synchronised
         for name in self.spec.input_names:
-            array = np.ascontiguousarray(inputs[name], dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+            array = np.ascontiguousarray(inputs[name], dtype=self._dtypes[name])
             hosts.append(array)
             if not context.set_input_shape(name, array.shape):
                 raise EngineError(
@@ -718,8 +780,9 @@ class TensorRTPart:
             raise EngineError(f"{self.spec.name}: cannot infer shapes of {unresolved}")
         results: dict[str, np.ndarray] = {}
         for name in self.spec.output_names:
-            shape = tuple(context.get_tensor_shape(name))
-            host = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+            dims = context.get_tensor_shape(name)
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            host = np.empty(shape, dtype=self._dtypes[name])
             ptr = self._buffer(name, host.nbytes)
             context.set_tensor_address(name, ptr)
             results[name] = host
@@ -733,7 +796,9 @@ class TensorRTPart:
 
     @property
     def device_bytes(self) -> int:
-        engine_bytes = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        if self.engine is None:
+            return 0
+        engine_bytes = self.engine.device_memory_size_v2
         return int(engine_bytes) + sum(capacity for _, capacity in self._buffers.values())
 
     def close(self) -> None:
@@ -760,16 +825,20 @@ class TensorRTBackend:
         build_missing: bool = True,
         settings: BuildSettings | None = None,
         engines_dir: Path | None = None,
+        on_build: Callable[[str], None] | None = None,
     ) -> None:
-        self._trt = _import_tensorrt()
+        self.version = check_tensorrt()
+        import tensorrt as trt
+
         self.bundle = bundle
         self.engines_dir = Path(engines_dir) if engines_dir is not None else bundle.engines_dir
         self.settings = settings or BuildSettings(precision=precision)
         self.precision = self.settings.precision
         self.build_missing = build_missing
-        self._device = _DeviceThread()
-        self._logger = self._trt.Logger(self._trt.Logger.WARNING)
-        self._runtime = self._device.call(self._trt.Runtime, self._logger)
+        self._on_build = on_build
+        self._device = DeviceThread()
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime: trt.Runtime = self._device.call(trt.Runtime, self._logger)
         self._parts: dict[str, TensorRTPart] = {}
         self._lock = threading.Lock()
 
@@ -786,7 +855,7 @@ class TensorRTBackend:
 
     def _load(self, part: str) -> TensorRTPart:
         spec = self.bundle.part(part)
-        key = key_for(spec, self.settings, self._trt.__version__, self._device.cuda.compute_capability)
+        key = key_for(spec, self.settings, self.version, self._device.cuda.compute_capability)
         plan = plan_path(self.engines_dir, part, key)
         if not is_plan_current(plan, key):
             if not self.build_missing:
@@ -794,13 +863,15 @@ class TensorRTBackend:
                     f"{part}: no current TensorRT plan ({plan.name}); "
                     f"run `python -m engines build {self.bundle.root}`"
                 )
+            if self._on_build is not None:
+                self._on_build(part)
             plan = ensure_plan(
                 self.bundle, part, self.settings, self._device.cuda, engines_dir=self.engines_dir
             ).plan
         engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
             raise EngineError(f"{part}: TensorRT could not deserialise {plan.name}")
-        return TensorRTPart(engine, spec, self._device, self._trt)
+        return TensorRTPart(engine, spec, self._device)
 
     def memory(self) -> MemoryReport:
         free, total = self._device.call(self._device.cuda.mem_info)
@@ -814,18 +885,16 @@ class TensorRTBackend:
             "kind": self.kind,
             "device": self.device,
             "precision": self.precision,
-            "tensorrt": self._trt.__version__,
+            "tensorrt": self.version,
             "cuda": self._device.cuda.flavour,
-            "plans": {name: p for name, p in self._plan_names().items()},
+            "plans": self._plan_names(),
         }
 
     def _plan_names(self) -> dict[str, str]:
         cc = self._device.cuda.compute_capability
         return {
             name: plan_path(
-                self.engines_dir,
-                name,
-                key_for(self.bundle.part(name), self.settings, self._trt.__version__, cc),
+                self.engines_dir, name, key_for(self.bundle.part(name), self.settings, self.version, cc)
             ).name
             for name in self._parts
         }

@@ -25,11 +25,12 @@ from tokenizers import Tokenizer
 
 from engines.bundle import TokenizerInfo, sha256_file
 from engines.errors import BundleError, InvalidPrompt, PromptTooLong, TooManyPrompts
+from engines.options import DEFAULT_MAX_PROMPT_CHARS
+from engines.types import Prompts
 
 if TYPE_CHECKING:
     from engines.bundle import Bundle
 
-DEFAULT_MAX_CHARS = 512
 
 # --- ftfy.fix_text, the subset that needs no mojibake detection (ftfy 6.3 tables) -------------
 # Not reproduced: mojibake repair (fix_encoding & co.) and C1-control reinterpretation; these only
@@ -93,12 +94,14 @@ class PromptTokenizer:
         path: str | os.PathLike[str],
         info: TokenizerInfo,
         *,
-        max_chars: int = DEFAULT_MAX_CHARS,
+        max_chars: int | None = DEFAULT_MAX_PROMPT_CHARS,
         max_prompts: int | None = None,
     ) -> None:
+        # The pipeline passes its engines.options.Limits; None: unbounded (the context length
+        # truncates anyway).
         self.path = Path(path)
         self.info = info
-        self.max_chars = int(max_chars)
+        self.max_chars = max_chars
         self.max_prompts = max_prompts
         try:
             self._hash = sha256_file(self.path)
@@ -132,8 +135,10 @@ class PromptTokenizer:
         """sha256 of tokenizer.json: part of the text-embedding cache key."""
         return self._hash
 
-    def validate(self, prompts: Sequence[str]) -> list[str]:
-        """Typed errors for unusable prompt lists; returns the prompts as a list."""
+    def validate(self, prompts: Sequence[str]) -> Prompts:
+        """Typed errors for unusable prompt lists; the prompts, marked as checked."""
+        if isinstance(prompts, Prompts):
+            return prompts
         if isinstance(prompts, (str, bytes)):
             raise InvalidPrompt("prompts must be a list of strings, not a single string")
         try:
@@ -147,16 +152,17 @@ class PromptTokenizer:
         for i, prompt in enumerate(items):
             if not isinstance(prompt, str):
                 raise InvalidPrompt(f"prompt {i} is {type(prompt).__name__}, not a string")
-            if len(prompt) > self.max_chars:
+            if self.max_chars is not None and len(prompt) > self.max_chars:
                 raise PromptTooLong(f"prompt {i} has {len(prompt)} characters (limit {self.max_chars})")
             if not prompt.strip():
                 raise InvalidPrompt(f"prompt {i} is empty or whitespace only")
             if "\x00" in prompt:
                 raise InvalidPrompt(f"prompt {i} contains a NUL character")
-        return items
+        return Prompts(items)
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``input_ids`` and ``attention_mask``, both int32 [N, context_length]."""
+        """``input_ids`` and ``attention_mask``, both int32 [N, context_length] (validates
+        unless given :class:`~engines.types.Prompts`)."""
         items = self.validate(prompts)
         encodings = self._tok.encode_batch([clean_prompt(p) for p in items])
         ids = np.asarray([e.ids for e in encodings], dtype=np.int32)

@@ -1,11 +1,41 @@
-"""Typed results of the pipeline (nanoowl-style): what encode/decode return and the cache stores."""
+"""Typed results of the pipeline (nanoowl-style): what encode/decode return and the cache stores.
+
+Each result carries the milliseconds of the stages that produced it (``timings_ms``, keyed by
+:data:`STAGES` names), so a caller that caches embeddings (the server) reports what a request
+actually ran without timing the pipeline from outside.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+# Pipeline stages, in order: the keys of every ``timings_ms`` below (plus "total" on a segment).
+STAGES = ("preprocess", "image_encoder", "text_encoder", "decoder", "postprocess")
+
+
+class ImageSize(NamedTuple):
+    """An image's size, always (width, height); ``shape`` is numpy's (height, width)."""
+
+    width: int
+    height: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+
+class Prompts(tuple[str, ...]):
+    """Prompts that passed :meth:`engines.tokenizer.PromptTokenizer.validate`.
+
+    Validation happens once, where the prompts enter (the server before queueing, the pipeline
+    in ``segment``); code handed a ``Prompts`` does not check again. A subset of validated
+    prompts is valid too (the server encodes only the ones its text cache lacks).
+    """
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -23,6 +53,10 @@ class LoadedImage:
     def height(self) -> int:
         return int(self.pixels.shape[0])
 
+    @property
+    def size(self) -> ImageSize:
+        return ImageSize(self.width, self.height)
+
 
 @dataclass(frozen=True)
 class ImageEmbedding:
@@ -33,9 +67,11 @@ class ImageEmbedding:
     """
 
     image_id: str
-    original_size: tuple[int, int]  # (height, width) of the original image
+    image_size: ImageSize  # of the original image (after EXIF orientation)
     tensors: dict[str, np.ndarray]
     encoder_key: str = ""  # weights hash of the image encoder that produced it
+    # preprocess + image_encoder ms of the run that computed it (a cached copy keeps them)
+    timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -48,6 +84,8 @@ class TextEmbedding:
 
     prompts: tuple[str, ...]
     tensors: dict[str, np.ndarray]  # text features [N, L, C] and the mask [N, L]
+    # preprocess + text_encoder ms of the run that computed it ({} for rows taken from a cache)
+    timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -70,8 +108,8 @@ class PromptResult:
 @dataclass
 class SegmentResult:
     image_id: str
-    image_size: tuple[int, int]  # (width, height)
+    image_size: ImageSize
     results: list[PromptResult]
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    cache_hit: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # STAGES run by this call + "total"
+    cache_hit: bool = False  # the image arrived as an ImageEmbedding: no image encoder run
+    extra: dict[str, Any] = field(default_factory=dict)  # backend kind and precision

@@ -4,7 +4,8 @@ An image embedding is the expensive part (~0.5-1 s on an Orin Nano) and large (~
 ~117 MB fp32), so :class:`EmbeddingCache` is an LRU bounded in **bytes**, not entries. When
 several requests miss on the same key at once, one computes and the rest wait for its result
 (single flight), so the encoder runs once. :class:`TextCache` is a small LRU of per-prompt
-text embeddings keyed by (prompt, tokenizer hash): a new tokenizer never reuses stale entries.
+text embeddings keyed by (prompt, namespace); the server sets the namespace to the pipeline's
+``text_encoder_key`` (text weights + tokenizer), so another text encoder never reuses entries.
 
 Pure Python and thread-safe; no model is needed to test it.
 """
@@ -147,11 +148,11 @@ class EmbeddingCache(Generic[V]):
 
 
 class TextCache(Generic[V]):
-    """Entry-bounded LRU of per-prompt text embeddings, keyed by (prompt, tokenizer hash)."""
+    """Entry-bounded LRU of per-prompt text embeddings, keyed by (prompt, namespace)."""
 
-    def __init__(self, max_entries: int, tokenizer_hash: str = "") -> None:
+    def __init__(self, max_entries: int, namespace: str = "") -> None:
         self.max_entries = int(max_entries)
-        self.tokenizer_hash = tokenizer_hash
+        self.namespace = namespace
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str], V] = OrderedDict()
         self._hits = 0
@@ -159,7 +160,7 @@ class TextCache(Generic[V]):
         self._evictions = 0
 
     def get(self, prompt: str) -> V | None:
-        key = (prompt, self.tokenizer_hash)
+        key = (prompt, self.namespace)
         with self._lock:
             value = self._entries.get(key)
             if value is None:
@@ -172,7 +173,7 @@ class TextCache(Generic[V]):
     def put(self, prompt: str, value: V) -> None:
         if self.max_entries <= 0:
             return
-        key = (prompt, self.tokenizer_hash)
+        key = (prompt, self.namespace)
         with self._lock:
             self._entries[key] = value
             self._entries.move_to_end(key)

@@ -1,9 +1,10 @@
 """HTTP-side errors and the ONE handler that turns any exception into ``{"error": {...}}``.
 
-The runtime's typed errors (engines/errors.py) already carry ``code`` and ``http_status``;
-server-only facts (queue full, deadline, unknown image_id, auth) are typed the same way, so
-:func:`error_response` maps everything with one rule. Framework errors (validation, 404, 405)
-go through the same function so every body a client sees has the same shape.
+The runtime's typed errors (engines/errors.py) know nothing of HTTP; :data:`HTTP_STATUS` is the
+one table that gives each error type its status, the server's own errors (queue full, deadline,
+unknown image_id, auth) included. A type not in the table takes its nearest listed base class's
+status. Framework errors (validation, 404, 405) go through the same handler, so every body a
+client sees has the same shape.
 """
 
 from __future__ import annotations
@@ -17,20 +18,30 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engines.errors import InvalidInput, Sam3Error
+from engines.errors import (
+    BackendUnavailable,
+    BundleError,
+    EngineError,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidInput,
+    InvalidOption,
+    InvalidPrompt,
+    Sam3Error,
+    UnsupportedImageType,
+)
 
 log = logging.getLogger("server")
 
 
 class ServerError(Sam3Error):
-    """Base of errors only the server knows about."""
+    """Base of errors only the server knows about; ``headers`` go on the response."""
 
     headers: dict[str, str] = {}
 
 
 class Unauthorized(ServerError):
     code = "unauthorized"
-    http_status = 401
     headers = {"WWW-Authenticate": "X-API-Key"}
 
 
@@ -38,29 +49,24 @@ class ImageNotCached(InvalidInput):
     """An ``image_id`` whose embedding is not (or no longer) in the cache: resend the image."""
 
     code = "image_not_cached"
-    http_status = 404
 
 
 class PayloadTooLarge(InvalidInput):
     code = "payload_too_large"
-    http_status = 413
 
 
 class UnsupportedMediaType(InvalidInput):
     code = "unsupported_media_type"
-    http_status = 415
 
 
 class BadRequest(InvalidInput):
     """A body that cannot be parsed at all (malformed multipart, bad base64, bad JSON)."""
 
     code = "bad_request"
-    http_status = 400
 
 
 class QueueFull(ServerError):
     code = "queue_full"
-    http_status = 429
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
@@ -69,13 +75,42 @@ class QueueFull(ServerError):
 
 class DeadlineExceeded(ServerError):
     code = "deadline_exceeded"
-    http_status = 504
 
 
 class NotReady(ServerError):
     code = "not_ready"
-    http_status = 503
     headers = {"Retry-After": "5"}
+
+
+# Every typed error's HTTP status, in one place.
+HTTP_STATUS: dict[type[Sam3Error], int] = {
+    Sam3Error: 500,
+    BundleError: 500,
+    EngineError: 500,
+    BackendUnavailable: 503,
+    InvalidInput: 422,
+    InvalidImage: 422,
+    InvalidPrompt: 422,
+    InvalidOption: 422,
+    ImageTooLarge: 413,
+    UnsupportedImageType: 415,
+    BadRequest: 400,
+    Unauthorized: 401,
+    ImageNotCached: 404,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    QueueFull: 429,
+    NotReady: 503,
+    DeadlineExceeded: 504,
+}
+
+
+def http_status(exc: Sam3Error) -> int:
+    """The status of ``exc``: its type's entry in :data:`HTTP_STATUS`, else its nearest base's."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500  # pragma: no cover - Sam3Error itself is listed
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -90,7 +125,7 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
     headers: dict[str, str] = {}
     extra: dict[str, Any] = {}
     if isinstance(exc, Sam3Error):
-        status, code, message = exc.http_status, exc.code, str(exc) or exc.code
+        status, code, message = http_status(exc), exc.code, str(exc) or exc.code
         headers = dict(getattr(exc, "headers", {}) or {})
         if status >= 500:
             log.error("%s on %s %s: %s", code, request.method, request.url.path, message)

@@ -6,45 +6,72 @@ Routes parse and shape; this module decides where each step runs:
 - encode_image / encode_text / decode run as ONE job on the inference worker (GPU-bound);
 - mask encoding (RLE/PNG/polygon) runs in the thread pool again, so the worker is free for
   the next job while masks are compressed.
+
+Everything the server needs to know about the model it asks the pipeline: the limits and the
+checks (``check_prompts``, ``segment_options``), the cache keys (``encoder_key``,
+``text_encoder_key``), the stage timings (in the embeddings and results it returns).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from anyio import to_thread
 
 from engines.bundle import sha256_bytes
+from engines.errors import InvalidImage
+from engines.options import SegmentOptions
 from engines.postprocess import result_document
-from engines.preprocess import decode_image_bytes
-from engines.errors import InvalidImage, InvalidOption
-from engines.types import ImageEmbedding, LoadedImage, PromptResult, TextEmbedding
+from engines.types import ImageEmbedding, ImageSize, LoadedImage, Prompts, SegmentResult, TextEmbedding
 from server.cache import EmbeddingCache, TextCache
 from server.errors import ImageNotCached, NotReady, PayloadTooLarge
-from server.loading import backend_identity
 from server.metrics import Metrics
+from server.schemas import RESPONSE_STAGES
 from server.settings import Settings
 from server.worker import InferenceWorker
 
-STAGES = ("queue", "image_encoder", "text_encoder", "decoder", "postprocess", "total")
+if TYPE_CHECKING:  # the worker thread imports the runtime; the HTTP layer only needs its types
+    from engines.pipeline import Sam3Pipeline
+
+ImageKey = tuple[str, str]  # (image_id, the image encoder's weights hash)
 
 
 @dataclass(frozen=True)
-class SegmentOptions:
-    score_threshold: float = 0.5
-    mask_threshold: float = 0.5
-    max_detections: int = 100
-    mask_format: str = "rle"
+class ModelIdentity:
+    name: str
+    backend: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """What POST /embed answers."""
+
+    image_id: str
+    image_size: ImageSize
+    cached: bool  # it was already in the cache: no encoder run
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """What POST /segment answers: the result document plus how it was obtained."""
+
+    image_id: str
+    image_size: ImageSize
+    cache_hit: bool
+    document: dict[str, Any]  # engines.postprocess.result_document (masks encoded)
+    timings_ms: dict[str, float]  # RESPONSE_STAGES
+    model: ModelIdentity
 
 
 @dataclass
 class _Encoded:
     embedding: ImageEmbedding
     image_hit: bool
-    results: list[PromptResult] | None
+    result: SegmentResult | None  # None for /embed
     timings: dict[str, float]
 
 
@@ -58,7 +85,7 @@ class SegmentService:
     def __init__(
         self,
         settings: Settings,
-        worker: InferenceWorker[Any],
+        worker: InferenceWorker[Sam3Pipeline],
         image_cache: EmbeddingCache[ImageEmbedding],
         text_cache: TextCache[TextEmbedding],
         metrics: Metrics,
@@ -71,34 +98,19 @@ class SegmentService:
 
     # -- identity ---------------------------------------------------------------------------
     @property
-    def pipeline(self) -> Any:
+    def pipeline(self) -> Sam3Pipeline | None:
         return self.worker.pipeline
 
-    @property
-    def encoder_key(self) -> str:
-        return str(self.pipeline.encoder_key)  # Sam3Pipeline derives it from the manifest
+    def _ready_pipeline(self) -> Sam3Pipeline:
+        pipeline = self.pipeline
+        if pipeline is None:
+            raise NotReady(f"inference engines are not ready (state: {self.worker.state})")
+        return pipeline
 
-    def cache_key(self, image_id: str) -> tuple[str, str]:
-        return (image_id, self.encoder_key)
+    def image_key(self, image_id: str) -> ImageKey:
+        return (image_id, self._ready_pipeline().encoder_key)
 
     # -- validation (before any queueing) ----------------------------------------------------
-    def check_prompts(self, prompts: Sequence[str]) -> tuple[str, ...]:
-        """The pipeline's own prompt validation (its limits are these settings), run here in the
-        event loop so a bad prompt is refused before it takes a queue slot."""
-        if self.pipeline is None:
-            raise NotReady(f"inference engines are not ready (state: {self.worker.state})")
-        return tuple(self.pipeline.tokenizer.validate(prompts))
-
-    def check_options(self, options: SegmentOptions) -> None:
-        if not (0.0 <= options.score_threshold <= 1.0):
-            raise InvalidOption("score_threshold must be within [0, 1]")
-        if not (0.0 <= options.mask_threshold <= 1.0):
-            raise InvalidOption("mask_threshold must be within [0, 1]")
-        if not (1 <= options.max_detections <= self.settings.max_detections):
-            raise InvalidOption(f"max_detections must be within [1, {self.settings.max_detections}]")
-        if options.mask_format not in ("rle", "png", "polygon", "none"):
-            raise InvalidOption("mask_format must be one of rle, png, polygon, none")
-
     def check_image_size(self, data: bytes) -> None:
         if not data:
             raise InvalidImage("the image is empty (0 bytes)")
@@ -108,16 +120,12 @@ class SegmentService:
             )
 
     # -- operations --------------------------------------------------------------------------
-    async def embed(self, data: bytes) -> dict[str, Any]:
-        """Encode (or find) an image's embedding; the result is what POST /embed returns."""
+    async def embed(self, data: bytes) -> Embedded:
+        """Encode (or find) an image's embedding."""
         self.check_image_size(data)
         encoded = await self._encode(data, None, prompts=None, options=None)
-        height, width = encoded.embedding.original_size
-        return {
-            "image_id": encoded.embedding.image_id,
-            "image_size": {"width": int(width), "height": int(height)},
-            "cached": encoded.image_hit,
-        }
+        embedding = encoded.embedding
+        return Embedded(embedding.image_id, embedding.image_size, cached=encoded.image_hit)
 
     async def segment(
         self,
@@ -126,52 +134,52 @@ class SegmentService:
         image_id: str | None,
         prompts: Sequence[str],
         options: SegmentOptions,
-    ) -> dict[str, Any]:
+        mask_format: str,
+    ) -> Segmented:
         t0 = time.perf_counter()
-        clean = self.check_prompts(prompts)
-        self.check_options(options)
+        # The pipeline's own checks and limits, here in the event loop: a bad request is refused
+        # before it takes a queue slot.
+        pipeline = self._ready_pipeline()
+        clean = pipeline.check_prompts(prompts)
+        options = pipeline.segment_options(options)
         if data is not None:
             self.check_image_size(data)
         encoded = await self._encode(data, image_id, prompts=clean, options=options)
+        result = encoded.result
+        assert result is not None
         t_post = time.perf_counter()
-        height, width = encoded.embedding.original_size
-        assert encoded.results is not None
         document = await to_thread.run_sync(
-            lambda: result_document(image_size=(int(width), int(height)), results=encoded.results,
-                                    mask_format=options.mask_format)
+            lambda: result_document(result.image_size, result.results, mask_format=mask_format)
         )
         timings = dict(encoded.timings)
-        timings["postprocess"] = (time.perf_counter() - t_post) * 1e3
+        timings["postprocess"] += (time.perf_counter() - t_post) * 1e3
         timings["total"] = (time.perf_counter() - t0) * 1e3
         for stage, ms in timings.items():
             self.metrics.observe_stage(stage, ms / 1e3)
-        body: dict[str, Any] = {
-            "image_id": encoded.embedding.image_id,
-            "image_size": {"width": int(width), "height": int(height)},
-            "cache_hit": encoded.image_hit,
-        }
-        body.update({k: v for k, v in document.items() if k not in body})
-        body["timings_ms"] = {stage: round(float(timings.get(stage, 0.0)), 3) for stage in STAGES}
-        body["model"] = self.model_info()
-        return body
+        return Segmented(
+            image_id=encoded.embedding.image_id,
+            image_size=encoded.embedding.image_size,
+            cache_hit=encoded.image_hit,
+            document=document,
+            timings_ms={stage: round(float(timings.get(stage, 0.0)), 3) for stage in RESPONSE_STAGES},
+            model=self.model_identity(),
+        )
 
     def delete(self, image_id: str) -> None:
-        if not self.image_cache.delete(self.cache_key(image_id)):
+        if not self.image_cache.delete(self.image_key(image_id)):
             raise ImageNotCached(f"image {image_id} is not cached")
 
-    def model_info(self) -> dict[str, str]:
+    def model_identity(self) -> ModelIdentity:
         pipeline = self.pipeline
         if pipeline is None:
-            return {"name": "", "backend": "", "precision": ""}
-        backend, precision = backend_identity(pipeline)
-        return {"name": str(pipeline.manifest.name), "backend": backend, "precision": precision}
+            return ModelIdentity("", "", "")
+        return ModelIdentity(pipeline.manifest.name, pipeline.backend.kind, pipeline.backend.precision)
 
     def cache_dtype(self) -> str:
         """The dtype embeddings are stored in (see Settings.cache_dtype)."""
         if self.settings.cache_dtype != "auto":
             return self.settings.cache_dtype
-        _, precision = backend_identity(self.pipeline)
-        return "float16" if precision == "fp16" else "float32"
+        return "float16" if self.model_identity().precision == "fp16" else "float32"
 
     def _cacheable(self, embedding: ImageEmbedding) -> ImageEmbedding:
         """The embedding as cached. Every request, the first included, decodes from this form,
@@ -182,35 +190,31 @@ class SegmentService:
         return replace(embedding, tensors={k: v.astype(dtype) for k, v in embedding.tensors.items()})
 
     # -- internals ---------------------------------------------------------------------------
-    def _load_image(self, data: bytes, image_id: str) -> LoadedImage:
-        """Decode in the thread pool with the pipeline's limits, not through the pipeline object:
-        the pipeline's own timers are per-thread state owned by the inference worker."""
-        return decode_image_bytes(data, max_megapixels=self.settings.max_megapixels, image_id=image_id)
-
     async def _encode(
         self,
         data: bytes | None,
         image_id: str | None,
         *,
-        prompts: tuple[str, ...] | None,
+        prompts: Prompts | None,
         options: SegmentOptions | None,
     ) -> _Encoded:
         # Readiness first: hashing or decoding for a server that cannot run is wasted work.
         if self.pipeline is None or self.worker.state != "ready":
             raise NotReady(f"inference engines are not ready (state: {self.worker.state})")
+        pipeline = self.pipeline
         loaded: LoadedImage | None = None
         if data is not None:
             image_id = await to_thread.run_sync(sha256_bytes, data)
-            if self.cache_key(image_id) not in self.image_cache:
-                loaded = await to_thread.run_sync(self._load_image, data, image_id)
+            if self.image_key(image_id) not in self.image_cache:
+                loaded = await to_thread.run_sync(lambda: pipeline.load_image(data, image_id=image_id))
         assert image_id is not None
-        key = self.cache_key(image_id)
+        key = self.image_key(image_id)
         for _ in range(2):
             job = self._job(key, loaded, prompts, options, from_bytes=data is not None)
             try:
                 result = await self.worker.run(job, timeout_s=self.settings.request_timeout_s)
             except _Evicted:
-                loaded = await to_thread.run_sync(self._load_image, data, image_id)
+                loaded = await to_thread.run_sync(lambda: pipeline.load_image(data, image_id=image_id))
                 continue
             encoded = result.value
             encoded.timings["queue"] = result.queue_ms
@@ -219,50 +223,44 @@ class SegmentService:
 
     def _job(
         self,
-        key: tuple[str, str],
+        key: ImageKey,
         loaded: LoadedImage | None,
-        prompts: tuple[str, ...] | None,
+        prompts: Prompts | None,
         options: SegmentOptions | None,
         from_bytes: bool,
-    ):
+    ) -> Callable[[Sam3Pipeline], _Encoded]:
         image_cache, text_cache = self.image_cache, self.text_cache
 
-        def job(pipeline: Any) -> _Encoded:
-            timings: dict[str, float] = {}
-            t = time.perf_counter()
+        def job(pipeline: Sam3Pipeline) -> _Encoded:
             if loaded is not None:
                 embedding, hit = image_cache.get_or_compute(
                     key, lambda: self._cacheable(pipeline.encode_image(loaded)))
             else:
-                embedding = image_cache.get(key)
-                if embedding is None:
+                cached = image_cache.get(key)
+                if cached is None:
                     if from_bytes:
                         raise _Evicted()
                     raise ImageNotCached(f"image {key[0]} is not cached; send the image again")
-                hit = True
-            timings["image_encoder"] = (time.perf_counter() - t) * 1e3
+                embedding, hit = cached, True
+            timings = {"image_encoder": 0.0 if hit else sum(embedding.timings_ms.values())}
             if prompts is None or options is None:
                 return _Encoded(embedding, hit, None, timings)
-            t = time.perf_counter()
             text = _text_embedding(pipeline, text_cache, prompts)
-            timings["text_encoder"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            results = pipeline.decode(
-                embedding,
-                text,
-                score_threshold=options.score_threshold,
-                mask_threshold=options.mask_threshold,
-                max_detections=options.max_detections,
-                with_masks=options.mask_format != "none",
-            )
-            timings["decoder"] = (time.perf_counter() - t) * 1e3
-            return _Encoded(embedding, hit, list(results), timings)
+            # Given both embeddings, segment runs only the decoder and postprocessing.
+            result = pipeline.segment(embedding, text, options)
+            timings["text_encoder"] = sum(text.timings_ms.values())
+            timings["decoder"] = result.timings_ms["decoder"]
+            timings["postprocess"] = result.timings_ms["postprocess"]
+            return _Encoded(embedding, hit, result, timings)
 
         return job
 
 
-def _text_embedding(pipeline: Any, cache: TextCache[TextEmbedding], prompts: tuple[str, ...]) -> TextEmbedding:
-    """Per-prompt cached text embeddings, missing ones encoded in one batched call."""
+def _text_embedding(pipeline: Sam3Pipeline, cache: TextCache[TextEmbedding], prompts: Prompts) -> TextEmbedding:
+    """Per-prompt cached text embeddings, missing ones encoded in one batched call.
+
+    The result's ``timings_ms`` are those of that one call ({} when every prompt was cached).
+    """
     found: dict[str, TextEmbedding] = {}
     missing: list[str] = []
     for prompt in dict.fromkeys(prompts):
@@ -271,8 +269,10 @@ def _text_embedding(pipeline: Any, cache: TextCache[TextEmbedding], prompts: tup
             missing.append(prompt)
         else:
             found[prompt] = cached
+    timings: dict[str, float] = {}
     if missing:
-        fresh = pipeline.encode_text(missing)
+        fresh = pipeline.encode_text(Prompts(missing))  # a subset of checked prompts
+        timings = dict(fresh.timings_ms)
         for i, prompt in enumerate(missing):
             row = TextEmbedding(
                 prompts=(prompt,), tensors={k: np.ascontiguousarray(v[i : i + 1]) for k, v in fresh.tensors.items()}
@@ -281,9 +281,10 @@ def _text_embedding(pipeline: Any, cache: TextCache[TextEmbedding], prompts: tup
             found[prompt] = row
     rows = [found[p] for p in prompts]
     if len(rows) == 1:
-        return rows[0]
+        return replace(rows[0], timings_ms=timings)
     names = rows[0].tensors.keys()
     return TextEmbedding(
-        prompts=tuple(prompts), tensors={k: np.concatenate([r.tensors[k] for r in rows], axis=0) for k in names}
+        prompts=tuple(prompts),
+        tensors={k: np.concatenate([r.tensors[k] for r in rows], axis=0) for k in names},
+        timings_ms=timings,
     )
-

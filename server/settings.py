@@ -14,8 +14,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engines.options import DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_PROMPTS
+
 Backend = Literal["auto", "tensorrt", "onnxruntime", "triton"]
-MaskFormat = Literal["rle", "png", "polygon", "none"]
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -58,9 +59,11 @@ class Settings(BaseSettings):
 
     api_key: SecretStr | None = Field(None, description="If set, X-API-Key must match (401 otherwise).")
     max_upload_bytes: int = Field(20 * MIB, ge=1, description="Largest image file accepted (413).")
-    max_megapixels: float = Field(40.0, gt=0, description="Largest image, from its header (413).")
-    max_prompts: int = Field(16, ge=1, description="Prompts per request (422 above).")
-    max_prompt_chars: int = Field(200, ge=1, description="Characters per prompt (422 above).")
+    # The request limits are the pipeline's (engines.options.Limits): the same defaults.
+    max_megapixels: float = Field(DEFAULT_MAX_MEGAPIXELS, gt=0, description="Largest image, from its header (413).")
+    max_prompts: int = Field(DEFAULT_MAX_PROMPTS, ge=1, description="Prompts per request (422 above).")
+    max_prompt_chars: int = Field(DEFAULT_MAX_PROMPT_CHARS, ge=1, description="Characters per prompt (422 above).")
+    # The pipeline keeps every detection over the threshold; a server answer is capped.
     max_detections: int = Field(100, ge=1, description="Default cap on detections per prompt.")
     allowed_content_types: Annotated[tuple[str, ...], NoDecode] = Field(
         ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from engines.backend import cpu_count, open_backend, validate_inputs
+from engines.backend import cpu_count, validate_inputs
 from engines.bundle import (
     BATCH,
     Bundle,
@@ -27,6 +26,8 @@ from engines.bundle import (
     write_manifest,
 )
 from engines.errors import BackendUnavailable, EngineError
+from engines.factory import open_backend
+from engines.tensorrt import tensorrt_installed
 from engines.onnxruntime import (
     CPU_EP,
     CUDA_EP,
@@ -37,7 +38,8 @@ from engines.onnxruntime import (
     session_options,
 )
 
-HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+# Not find_spec: tensorrt-stubs (requirements/dev.txt) installs a stub-only `tensorrt` directory.
+HAS_TENSORRT = tensorrt_installed()
 
 X = TensorSpec("x", "float32", (BATCH, 3))
 M = TensorSpec("m", "int32", (BATCH, 3))

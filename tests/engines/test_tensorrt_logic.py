@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -28,11 +27,13 @@ from engines.tensorrt import (
     precision_summary,
     profile_shapes,
     stale_plans,
+    tensorrt_installed,
     tolerance_report,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+# Not find_spec: tensorrt-stubs (requirements/dev.txt) installs a stub-only `tensorrt` directory.
+HAS_TENSORRT = tensorrt_installed()
 
 # The decoder's contract at the tiny config: image features with batch fixed to 1, prompts batched.
 DECODER = PartSpec(

@@ -69,7 +69,9 @@ def meta_tokenizer():
 @pytest.fixture(scope="session")
 def prompt_tokenizer(tokenizer_bundle) -> PromptTokenizer:
     path, info = tokenizer_bundle
-    return PromptTokenizer(path, info)
+    # Token ids are compared with Meta's on long prompts too (truncation): no length limit here,
+    # the limit has its own tests below.
+    return PromptTokenizer(path, info, max_chars=None)
 
 
 def test_manifest_fields(tokenizer_bundle) -> None:

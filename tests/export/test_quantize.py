@@ -8,9 +8,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from engines.backend import open_backend
 from engines.bundle import Bundle
 from engines.errors import BackendUnavailable
+from engines.factory import open_backend
 from engines.pipeline import Sam3Pipeline
 from export.__main__ import main
 

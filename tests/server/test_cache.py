@@ -114,11 +114,12 @@ def test_single_flight_failure_reaches_waiters_and_is_not_cached() -> None:
     assert value == b"ok" and not hit
 
 
-def test_text_cache_is_keyed_by_tokenizer_hash() -> None:
-    cache: TextCache[str] = TextCache(2, tokenizer_hash="tok-a")
+def test_text_cache_is_keyed_by_namespace() -> None:
+    # the server's namespace is the pipeline's text_encoder_key (text weights + tokenizer hash)
+    cache: TextCache[str] = TextCache(2, namespace="text-a:tok-a")
     cache.put("cat", "emb-a")
     assert cache.get("cat") == "emb-a"
-    cache.tokenizer_hash = "tok-b"
+    cache.namespace = "text-a:tok-b"
     assert cache.get("cat") is None
 
 

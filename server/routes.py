@@ -1,0 +1,256 @@
+"""The routes: parse (server/bodies.py), call the service, shape a response model.
+
+``api`` needs the API key when one is set; ``probes`` (health, readiness, metrics, the demo page)
+never do, so Docker's healthcheck works without the key. Every failure is a typed exception
+mapped by the one handler in server/errors.py.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from engines.bundle import Manifest
+from engines.options import SegmentOptions
+from server.bodies import read_embed_request, read_segment_request
+from server.errors import Unauthorized, error_body
+from server.schemas import (
+    DeleteResponse,
+    EmbedJSON,
+    EmbedMultipart,
+    EmbedResponse,
+    ErrorResponse,
+    HealthResponse,
+    InfoResponse,
+    NotReadyResponse,
+    ReadyResponse,
+    SegmentJSON,
+    SegmentMultipart,
+    SegmentResponse,
+)
+from server.service import SegmentService
+from server.settings import Settings
+from server.worker import InferenceWorker
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Malformed body",
+        401: "Missing or wrong X-API-Key",
+        404: "image_not_cached",
+        413: "Upload or image too large",
+        415: "Unsupported content type",
+        422: "Invalid prompt, option or image",
+        429: "Queue full (see Retry-After)",
+        503: "Engines not ready",
+        504: "Deadline exceeded",
+    }.items()
+}
+
+
+def _body_doc(multipart: type[BaseModel], json_model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": multipart.model_json_schema()},
+                "application/json": {"schema": json_model.model_json_schema()},
+            },
+        }
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Dependencies
+# --------------------------------------------------------------------------------------------
+def get_service(request: Request) -> SegmentService:
+    service: SegmentService = request.app.state.service
+    return service
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_worker(request: Request) -> InferenceWorker[Any]:
+    worker: InferenceWorker[Any] = request.app.state.worker
+    return worker
+
+
+def require_api_key(request: Request) -> None:
+    """Off unless SAM3_API_KEY is set; constant-time compare so timing leaks nothing."""
+    expected = get_settings(request).api_key
+    if expected is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong X-API-Key")
+
+
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
+probes = APIRouter()
+
+
+# --------------------------------------------------------------------------------------------
+# API
+# --------------------------------------------------------------------------------------------
+@api.post(
+    "/segment",
+    response_model=SegmentResponse,
+    openapi_extra=_body_doc(SegmentMultipart, SegmentJSON),
+    summary="Segment an image with text prompts",
+)
+async def segment(
+    request: Request,
+    service: SegmentService = Depends(get_service),
+    settings: Settings = Depends(get_settings),
+) -> dict[str, Any]:
+    body = await read_segment_request(request, settings)
+    chosen = body.options
+    options = SegmentOptions(
+        score_threshold=chosen.score_threshold,
+        mask_threshold=chosen.mask_threshold,
+        max_detections=chosen.max_detections,  # None: the server's cap (SAM3_MAX_DETECTIONS)
+        with_masks=chosen.mask_format != "none",
+    )
+    done = await service.segment(
+        data=body.data, image_id=body.image_id, prompts=body.prompts, options=options,
+        mask_format=chosen.mask_format,
+    )  # fmt: skip
+    # A dict, validated once against SegmentResponse by FastAPI on the way out (a model built
+    # here would be validated twice: masks make this body the largest the server sends).
+    return {
+        "image_id": done.image_id,
+        "image_size": done.image_size._asdict(),
+        "cache_hit": done.cache_hit,
+        "results": done.document["results"],
+        "timings_ms": done.timings_ms,
+        "model": vars(done.model),
+    }
+
+
+@api.post(
+    "/embed",
+    response_model=EmbedResponse,
+    openapi_extra=_body_doc(EmbedMultipart, EmbedJSON),
+    summary="Compute and cache an image embedding",
+)
+async def embed(
+    request: Request,
+    service: SegmentService = Depends(get_service),
+    settings: Settings = Depends(get_settings),
+) -> EmbedResponse:
+    done = await service.embed(await read_embed_request(request, settings))
+    return EmbedResponse.model_validate(
+        {"image_id": done.image_id, "image_size": done.image_size._asdict(), "cached": done.cached}
+    )
+
+
+@api.delete("/embeddings/{image_id}", response_model=DeleteResponse, summary="Drop an image embedding from the cache")
+async def delete_embedding(image_id: str, service: SegmentService = Depends(get_service)) -> DeleteResponse:
+    service.delete(image_id)
+    return DeleteResponse(image_id=image_id, deleted=True)
+
+
+@api.get("/info", response_model=InfoResponse, summary="Model, backend, limits, cache and stage counters")
+async def info(
+    service: SegmentService = Depends(get_service),
+    settings: Settings = Depends(get_settings),
+    worker: InferenceWorker[Any] = Depends(get_worker),
+) -> InfoResponse:
+    pipeline = service.pipeline
+    return InfoResponse.model_validate(
+        {
+            "state": worker.state,
+            "error": worker.error,
+            "model": vars(service.model_identity()),
+            "cache": {**service.image_cache.stats().to_json(), "dtype": service.cache_dtype()},
+            "text_cache": service.text_cache.stats(),
+            "queue": {"capacity": worker.queue_size, "depth": worker.depth},
+            "worker": {k: v for k, v in vars(worker.stats).items() if k != "extra"},
+            "limits": {
+                "max_upload_bytes": settings.max_upload_bytes,
+                "max_megapixels": settings.max_megapixels,
+                "max_prompts": settings.max_prompts,
+                "max_prompt_chars": settings.max_prompt_chars,
+                "max_detections": settings.max_detections,
+                "request_timeout_s": settings.request_timeout_s,
+                "allowed_content_types": list(settings.allowed_content_types),
+            },
+            "stage_calls": stage_calls(service),
+            "manifest": None if pipeline is None else _manifest_summary(pipeline.manifest),
+        }
+    )
+
+
+def stage_calls(service: SegmentService) -> dict[str, int]:
+    """Engine runs per part since start (/info and /metrics)."""
+    pipeline = service.pipeline
+    return {} if pipeline is None else {str(k): int(v) for k, v in pipeline.stage_calls.items()}
+
+
+def _manifest_summary(manifest: Manifest) -> dict[str, Any]:
+    model = manifest.model
+    return {
+        "name": manifest.name,
+        "schema_version": manifest.schema_version,
+        "architecture": model.architecture,
+        "image_size": model.image_size,
+        "patch_size": model.patch_size,
+        "hidden_size": model.hidden_size,
+        "num_queries": model.num_queries,
+        "mask_size": list(model.mask_size),
+        "parameters": dict(model.parameters),
+        "tokenizer": {"context_length": manifest.tokenizer.context_length, "sha256": manifest.tokenizer.sha256},
+        "parts": {
+            name: {"file": part.file, "sha256": part.sha256, "max_batch": part.max_batch}
+            for name, part in manifest.parts.items()
+        },
+        "source": {
+            "checkpoint": manifest.source.checkpoint,
+            "checkpoint_sha256": manifest.source.checkpoint_sha256,
+            "format": manifest.source.format,
+            "loras": list(manifest.source.loras),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Probes and pages (no API key)
+# --------------------------------------------------------------------------------------------
+@probes.get("/healthz", response_model=HealthResponse, summary="Process is up (not necessarily ready)")
+async def healthz(worker: InferenceWorker[Any] = Depends(get_worker)) -> HealthResponse:
+    return HealthResponse(status="ok", state=worker.state)
+
+
+@probes.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    summary="Engines loaded and warmed",
+    responses={503: {"model": NotReadyResponse, "description": 'Not ready: {"state": ..., "error": {...}}'}},
+)
+async def readyz(worker: InferenceWorker[Any] = Depends(get_worker)) -> ReadyResponse | JSONResponse:
+    if worker.state == "ready":
+        return ReadyResponse(state="ready")
+    message = worker.error or f"engines are {worker.state.replace('_', ' ')}"
+    body = NotReadyResponse.model_validate({"state": worker.state, **error_body("not_ready", message)})
+    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+
+
+@probes.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@probes.get("/", include_in_schema=False, response_class=HTMLResponse)
+async def demo_page() -> HTMLResponse:
+    return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
