@@ -13,11 +13,13 @@ PYTEST_ARGS ?=
 
 .PHONY: venv runtime-venv demo demo-bundle serve test test-slow lint clean
 
-$(VENV)/.installed: requirements/runtime.txt requirements/export.txt requirements/dev.txt requirements/tritonserver.txt
+$(VENV)/.installed: requirements/runtime.txt requirements/export.txt requirements/dev.txt requirements/tritonserver.txt requirements/typecheck.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
 	$(PIP) install -q -r requirements/dev.txt
+	# TensorRT's type stubs without TensorRT (--no-deps: see the file).
+	$(PIP) install -q --no-deps -r requirements/typecheck.txt
 	# A real tritonserver for the Triton tests; --no-deps: see the file. Where no wheel fits, they skip.
 	$(PIP) install -q --no-deps -r requirements/tritonserver.txt || echo "tritonserver not installable here: the Triton tests will skip"
 	touch $@

@@ -327,3 +327,14 @@ def test_device_commands_exit_2_without_tensorrt(tiny_bundle: Path, command: str
     assert "TensorRT is not installed" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tiny_bundle / "engines").exists() or not list((tiny_bundle / "engines").glob("*.plan"))
+
+
+def test_numpy_dtypes_of_tensorrt_types() -> None:
+    from engines.tensorrt import numpy_dtype
+
+    # What trt.nptype answers for the types the bundles' graphs use.
+    assert numpy_dtype("FLOAT") == np.float32 and numpy_dtype("HALF") == np.float16
+    assert numpy_dtype("INT32") == np.int32 and numpy_dtype("INT64") == np.int64
+    assert numpy_dtype("BOOL") == np.bool_ and numpy_dtype("INT8") == np.int8
+    with pytest.raises(EngineError, match="FP8"):
+        numpy_dtype("FP8")
