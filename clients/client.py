@@ -25,8 +25,6 @@ DEFAULT_RETRIES = 3
 MAX_RETRY_WAIT_S = 30.0  # one Retry-After is capped here: the server's hint, not a blank cheque
 RETRY_STATUSES = (429, 503)  # both carry Retry-After on this server: queue full / still warming
 
-
-
 # Every request about an image carries its id (the sha256 of its bytes, which is the server's
 # image_id): a load balancer can hash on it so an image's requests reach the server replica that
 # caches its embedding (deploy/triton/k8s.yaml). Servers ignore it.

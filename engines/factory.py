@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from engines.backend import Backend
 from engines.bundle import Bundle, Manifest
@@ -36,6 +36,7 @@ class BackendOptions:
     build_missing: bool = True  # TensorRT: build absent or stale plans on load instead of failing
     engines_dir: Path | None = None  # plans and caches (default BUNDLE/engines)
     on_build: Callable[[str], None] | None = None  # TensorRT: called with a part's name before its plan is built
+    triton: Mapping[str, Any] | None = None  # Triton: engines.triton.TritonBackend keywords (url, prefix, timeouts)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ def _open_onnxruntime(bundle: Bundle, options: BackendOptions) -> Backend:
     )
 
 
+def _open_triton(bundle: Bundle, options: BackendOptions) -> Backend:
+    from engines.triton import TritonBackend
+
+    return TritonBackend(bundle, **dict(options.triton or {}))
+
+
 def _tensorrt_present() -> bool:
     from engines.tensorrt import tensorrt_available
 
@@ -92,6 +99,9 @@ KINDS: dict[str, BackendKind] = {
     for kind in (
         BackendKind("tensorrt", _open_tensorrt, _tensorrt_present, ("fp16", "fp32"), runs_cpu_only=False),
         BackendKind("onnxruntime", _open_onnxruntime, lambda: True, ("fp32",), runs_cpu_only=True),
+        # Remote parts on a Triton server (python -m export triton): never chosen by ``auto``; the
+        # precision is the repository's (its plans or graphs), reported by the backend.
+        BackendKind("triton", _open_triton, lambda: False, ("fp32", "fp16"), runs_cpu_only=True),
     )
 }
 # ``auto`` tries these in order; the last must run anywhere (onnxruntime is a hard dependency).
@@ -166,6 +176,7 @@ def open_backend(
     build_missing: bool = True,
     engines_dir: str | os.PathLike[str] | None = None,
     on_build: Callable[[str], None] | None = None,
+    triton: Mapping[str, Any] | None = None,
 ) -> Backend:
     """Resolve ``kind`` for ``bundle`` (:func:`resolve_backend`) and open that backend."""
     if not isinstance(bundle, Bundle):
@@ -178,5 +189,6 @@ def open_backend(
         build_missing=build_missing,
         engines_dir=Path(engines_dir) if engines_dir is not None else None,
         on_build=on_build,
+        triton=triton,
     )
     return KINDS[choice.kind].open(bundle, options)

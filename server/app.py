@@ -25,6 +25,7 @@ from server.middleware import BodyLimitMiddleware, MetricsMiddleware
 from server.routes import api, probes, stage_calls
 from server.service import SegmentService
 from server.settings import Settings
+from server.triton import triton_backend_options
 from server.worker import STATES, InferenceWorker, PipelineFactory
 
 if TYPE_CHECKING:
@@ -56,9 +57,10 @@ def load_pipeline(settings: Settings, on_state: Callable[[str], None]) -> Sam3Pi
         limits=limits(settings),
         # SAM3_PRECISION is the TensorRT plan precision; SAM3_BACKEND=onnxruntime has no plans
         # (and `auto` drops it by itself if it ends up on ONNX Runtime).
-        precision=None if settings.backend == "onnxruntime" else settings.precision,
+        precision=None if settings.backend in ("onnxruntime", "triton") else settings.precision,
         engines_dir=settings.engines_dir,
         on_build=lambda part: on_state("building_engines"),
+        **triton_backend_options(settings),  # --backend triton: url, prefix, timeouts (server/triton.py)
     )
     on_state("loading")
     log.info(

@@ -36,6 +36,7 @@ from server.schemas import (
 )
 from server.service import SegmentService
 from server.settings import Settings
+from server.triton import backend_unavailable
 from server.worker import InferenceWorker
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -240,7 +241,12 @@ async def healthz(worker: InferenceWorker[Any] = Depends(get_worker)) -> HealthR
 )
 async def readyz(worker: InferenceWorker[Any] = Depends(get_worker)) -> ReadyResponse | JSONResponse:
     if worker.state == "ready":
-        return ReadyResponse(state="ready")
+        # Remote engines (--backend triton) can vanish after loading: ask them on every probe.
+        unavailable = await backend_unavailable(worker.pipeline)
+        if unavailable is None:
+            return ReadyResponse(state="ready")
+        body = NotReadyResponse.model_validate({"state": worker.state, **error_body("backend_unavailable", unavailable)})
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
     message = worker.error or f"engines are {worker.state.replace('_', ' ')}"
     body = NotReadyResponse.model_validate({"state": worker.state, **error_body("not_ready", message)})
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})

@@ -230,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TritonUnavailable, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    def stop_on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops tritonserver too (it runs in its own session)
+
+    signal.signal(signal.SIGTERM, stop_on_term)
     print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url} "
           f"(log {server.log_path}); Ctrl-C stops it", flush=True)
     try:
