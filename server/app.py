@@ -92,6 +92,7 @@ def create_app(settings: Settings, pipeline_factory: PipelineFactory[Sam3Pipelin
         factory,
         queue_size=settings.queue_size,
         warmup=warm_up if settings.warmup else None,
+        concurrency=settings.triton_concurrency if settings.backend == "triton" else 1,
     )
     image_cache: EmbeddingCache[ImageEmbedding] = EmbeddingCache(settings.cache_bytes, lambda e: e.nbytes)
     service = SegmentService(settings, worker, image_cache, text_cache, metrics)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     triton_wait_s: float = Field(
         600.0, ge=0, description="How long startup waits for Triton and its models (not ready meanwhile)."
     )
+    # Local engines run one job at a time on one thread; with Triton several requests can be in
+    # flight, so Triton's batcher combines them and the parts of different requests overlap.
+    triton_concurrency: int = Field(4, ge=1, description="Requests in flight to Triton at once (backend triton).")
     host: str = Field("127.0.0.1", description="Bind address; the container sets 0.0.0.0.")
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

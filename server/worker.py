@@ -79,7 +79,15 @@ class InferenceWorker(Generic[P]):
         queue_size: int,
         warmup: Callable[[P], None] | None = None,
         name: str = "sam3-inference",
+        concurrency: int = 1,
     ) -> None:
+        """``concurrency`` > 1 only for remote engines (--backend triton): jobs then run on that
+        many threads, so several requests are in flight to Triton, whose batcher can combine them;
+        local engines keep one thread (CUDA contexts are per thread, and one small GPU)."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.concurrency = concurrency
+        self._name = name
         self._factory = factory
         self._warmup = warmup
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -91,6 +99,7 @@ class InferenceWorker(Generic[P]):
         self.pipeline: P | None = None
         self.stats = WorkerStats()
         self._running = 0
+        self._count_lock = threading.Lock()  # _running and stats, shared by the job threads
         self.ready_event = threading.Event()  # set once ready or failed
 
     # -- state ---------------------------------------------------------------------------
@@ -106,7 +115,7 @@ class InferenceWorker(Generic[P]):
 
     @property
     def depth(self) -> int:
-        """Jobs waiting plus the one running."""
+        """Jobs waiting plus the ones running."""
         return self._queue.qsize() + self._running
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -125,7 +134,8 @@ class InferenceWorker(Generic[P]):
 
         def put_sentinel_and_join() -> bool:
             try:
-                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+                for _ in range(self.concurrency):  # one per job thread, after the accepted jobs
+                    self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
             except queue.Full:
                 return False
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -165,7 +175,7 @@ class InferenceWorker(Generic[P]):
     def retry_after_s(self) -> int:
         """Seconds until the queue is likely to have room: waiting jobs x mean job time."""
         per_job = self.stats.run_s_ewma or 1.0
-        return max(1, math.ceil(self.depth * per_job))
+        return max(1, math.ceil(self.depth * per_job / self.concurrency))
 
     # -- worker thread -------------------------------------------------------------------
     def _main(self) -> None:
@@ -184,11 +194,15 @@ class InferenceWorker(Generic[P]):
             return
         self._set_state("ready")
         self.ready_event.set()
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            self._execute(item)
+        helpers = [
+            threading.Thread(target=self._serve, name=f"{self._name}-{i}", daemon=True)
+            for i in range(1, self.concurrency)
+        ]
+        for helper in helpers:
+            helper.start()
+        self._serve()
+        for helper in helpers:
+            helper.join()
         close = getattr(self.pipeline, "close", None)
         if callable(close):
             try:
@@ -197,29 +211,41 @@ class InferenceWorker(Generic[P]):
                 log.exception("pipeline.close() failed")
         self._set_state("stopped")
 
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            self._execute(item)
+
     def _execute(self, job: _Job) -> None:
         job.started = time.monotonic()
         if job.abandoned or job.started > job.deadline:
-            self.stats.skipped_expired += 1
+            with self._count_lock:
+                self.stats.skipped_expired += 1
             return
-        self._running = 1
+        with self._count_lock:
+            self._running += 1
         try:
             value = job.fn(self.pipeline)
         except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting request
-            self.stats.failed += 1
+            with self._count_lock:
+                self.stats.failed += 1
             self._deliver(job, exc=exc)
         else:
-            self.stats.completed += 1
+            with self._count_lock:
+                self.stats.completed += 1
             done = time.monotonic()
             self._deliver(
                 job,
                 value=JobResult(value, (job.started - job.enqueued) * 1e3, (done - job.started) * 1e3),
             )
         finally:
-            self._running = 0
             run_s = time.monotonic() - job.started
-            ewma = self.stats.run_s_ewma
-            self.stats.run_s_ewma = run_s if ewma == 0.0 else 0.8 * ewma + 0.2 * run_s
+            with self._count_lock:
+                self._running -= 1
+                ewma = self.stats.run_s_ewma
+                self.stats.run_s_ewma = run_s if ewma == 0.0 else 0.8 * ewma + 0.2 * run_s
 
     @staticmethod
     def _deliver(job: _Job, value: Any = None, exc: BaseException | None = None) -> None:
