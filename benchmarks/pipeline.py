@@ -28,7 +28,7 @@ from engines.pipeline import STAGES, Sam3Pipeline
 from engines.postprocess import result_document
 from engines.types import ImageEmbedding, TextEmbedding
 
-DEFAULT_PROMPTS = ("a person", "a dog")  # batch 2: the issue's baselines were measured at batch 2
+DEFAULT_PROMPTS = ("a person", "a dog")  # batch 2: the planning baselines were measured at batch 2
 SYNTHETIC_SIZE = (640, 480)
 PATHS = ("cold", "warm", "text_cached")
 PATH_DESCRIPTIONS = {
@@ -287,7 +287,7 @@ def _run_reference(
 
 
 def pipeline_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's goals, each with target, measured value and whether it is met."""
+    """The performance goals, each with target, measured value and whether it is met."""
     goals = []
     ref = doc.get("reference")
     if ref:

@@ -4,7 +4,7 @@ one padding box, so the geometry CLS token is part of the prompt).
 
 Imported only when ``--reference-checkpoint`` is given, so ``python -m benchmarks pipeline``
 runs on a torch-free Jetson. The image is encoded once per call and broadcast over the
-prompt batch (what a careful transformers user does; the issue's 1994 ms baseline is this),
+prompt batch (what a careful transformers user does; the 1994 ms planning baseline is this),
 not once per prompt as ``reference_forward`` with a batched ``pixel_values`` would.
 """
 
@@ -99,7 +99,7 @@ class Reference:
         Vision runs once per image, text and decoder once per prompt (the decoder broadcasts
         the image), so the floors depend on N. With V, T, D the GFLOP of each part:
         warm/cold >= (T + D) / (V + T + D) (text re-encoded) and text-cached/cold >= D / (V + T + D),
-        the issue's definitions (at N = 1: 0.151 and 0.128 for the SAM3-Small shape).
+        the performance goals' definitions (at N = 1: 0.151 and 0.128 for the SAM3-Small shape).
         """
         pixel = torch.from_numpy(inputs.pixel_values)
         ids, mask = torch.from_numpy(inputs.input_ids).long(), torch.from_numpy(inputs.attention_mask).long()

@@ -11,7 +11,7 @@ intermediate uint8 image (round half up, clamp). :func:`resize_uint8_aa` reimple
 numpy integer arithmetic; it matches torchvision bit for bit (tests/engines/test_preprocess.py).
 Pillow's BILINEAR uses the same filter but 22-bit weights: measured up to 2/255 off torchvision
 (480x640 -> 1008), which is why we do not simply call ``Image.resize``. Resizing in float instead
-of uint8 differs by up to 0.0078 after normalisation (the issue's figure).
+of uint8 differs by up to 0.0078 after normalisation (measured on the same 480x640 image).
 
 Decoding refuses over-limit images from the header, before any pixel is decoded.
 """

@@ -8,7 +8,6 @@ half-written bundle (and never clobbers a good one).
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import platform
 import shutil
@@ -33,6 +32,7 @@ from engines.bundle import (
     write_manifest,
 )
 from export import onnx_export, verify
+from export.part_weights import PARTS, part_parameter_count, part_weights_sha256
 from export.split import split_model
 
 _log = logging.getLogger(__name__)
@@ -75,49 +75,6 @@ class BuildOptions:
     progress: Callable[[str], None] = lambda stage: None
 
 
-def weights_sha256(module: nn.Module) -> str:
-    """Content hash of a part's weights (names, shapes, values), independent of the file.
-
-    Lets the runtime see that two bundles (e.g. LoRA fine-tunes touching only the decoder)
-    share an image encoder, and so can share its engine and embedding cache.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().contiguous().cpu()
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def _part_weights(model, part: str) -> dict[str, nn.Module]:
-    """Modules whose weights each graph uses (shared-encoder detection)."""
-    if part == "image_encoder":
-        return {"vision_encoder": model.vision_encoder, "geometry_encoder": model.geometry_encoder}
-    if part == "text_encoder":
-        return {"text_encoder": model.text_encoder, "text_projection": model.text_projection}
-    # The geometry encoder belongs to the image encoder: its box-free CLS token is computed there.
-    return {name: getattr(model, name) for name in
-            ("detr_encoder", "detr_decoder", "mask_decoder", "dot_product_scoring")}
-
-
-def _hash_part(model, part: str) -> str:
-    wrapper = nn.ModuleDict(_part_weights(model, part))
-    return weights_sha256(wrapper)
-
-
-def _count(model, part: str) -> int:
-    seen: set[int] = set()
-    total = 0
-    for module in _part_weights(model, part).values():
-        for param in module.parameters():
-            if id(param) not in seen:
-                seen.add(id(param))
-                total += param.numel()
-    return total
-
-
 def model_info(model) -> ModelInfo:
     config = model.config
     vision = config.vision_config
@@ -129,7 +86,7 @@ def model_info(model) -> ModelInfo:
         hidden_size=int(config.detr_encoder_config.hidden_size),
         num_queries=int(config.detr_decoder_config.num_queries),
         mask_size=(int(mask_h), int(mask_w)),
-        parameters={part: _count(model, part) for part in ("image_encoder", "text_encoder", "decoder")},
+        parameters={part: part_parameter_count(model, part) for part in PARTS},
         config=config.to_dict(),
     )
 
@@ -197,7 +154,7 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
                 name=name,
                 file=paths[name].name,
                 sha256=sha256_file(paths[name]),
-                weights_sha256=_hash_part(model, name),
+                weights_sha256=part_weights_sha256(model, name),
                 inputs=inputs,
                 outputs=outputs,
                 fp32_layers=tuple(pinned.get(name, ())),

@@ -47,13 +47,14 @@ import torch
 from torch import Tensor
 
 from engines.bundle import sha256_file
+from export.keymap import hf_to_meta_state_dict, meta_to_hf_state_dict
+from export.part_weights import PARTS, part_modules, part_weights_sha256
 
 if TYPE_CHECKING:
     from transformers import Sam3Model
 
 _log = logging.getLogger(__name__)
 
-PARTS = ("image_encoder", "text_encoder", "decoder")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 FORMAT_PEFT = "peft"
@@ -146,11 +147,9 @@ def merge_adapters(
     double the peak RAM). ``checkpoint_format`` of the base decides which key namespace an
     ambiguous error message is phrased in (Meta names for Meta checkpoints).
     """
-    from export.build import _hash_part
-
     if not adapters:
         return model, []
-    base_hashes = {part: _hash_part(model, part) for part in PARTS}
+    base_hashes = {part: part_weights_sha256(model, part) for part in PARTS}
     config_hyper = read_lora_config(options.config) if options.config else Hyper()
     infos = []
     for adapter in adapters:
@@ -488,8 +487,6 @@ def _merge_pairs(
     model, pairs: list[LowRankPair], hyper: Hyper, prefer_meta: bool, name: str
 ) -> tuple[str, list[str]]:
     """Resolve every pair in one key space (transformers' or Meta's), add, strict-load."""
-    from export.checkpoints import hf_to_meta_state_dict, meta_to_hf_state_dict
-
     hf_sd = model.state_dict()
     spaces = {"hf": hf_sd}
     hf_targets = [_resolve(p.module, hf_sd) for p in pairs]
@@ -562,8 +559,6 @@ def _hf_key(target: Target, spaces: dict[str, dict[str, Tensor]], space: str) ->
     """The transformers key a target corresponds to (for the per-part report)."""
     if space == "hf":
         return target.key
-    from export.checkpoints import meta_to_hf_state_dict
-
     keys = list(meta_to_hf_state_dict({target.key: spaces["meta"][target.key]}))
     if target.rows is not None and len(keys) == 3:
         size = spaces["meta"][target.key].shape[0] // 3
@@ -620,9 +615,7 @@ def _hyper_from_mapping(section: Mapping[str, Any], source: str) -> Hyper:
 # Report
 # ----------------------------------------------------------------------------------------------
 def _part_prefixes(model) -> dict[str, tuple[str, ...]]:
-    from export.build import _part_weights
-
-    return {part: tuple(f"{name}." for name in _part_weights(model, part)) for part in PARTS}
+    return {part: tuple(f"{name}." for name in part_modules(model, part)) for part in PARTS}
 
 
 def _parts_of_hf_keys(model, keys: list[str]) -> list[str]:

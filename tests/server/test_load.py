@@ -1,6 +1,6 @@
 """Load: 8 concurrent clients x 100 requests, mixed cold/warm images, against a real process.
 
-Expectations from issue 5: no 5xx; 429 only when the queue is full (with queue_size 16 and
+Expectations: no 5xx; 429 only when the queue is full (with queue_size 16 and
 8 clients it never is, so none); RSS after ~= RSS before (the cache is capped small here so it
 saturates and any growth beyond it would be a leak).
 """
