@@ -8,7 +8,7 @@ here, in front: only ``run(inputs) -> outputs`` of each part crosses the network
 Where image embeddings live (measured, benchmarks/RESULTS.md "Triton"): in OUR cache, and the
 decoder's image inputs are sent with every decode call. Triton stays stateless, so any replica
 serves any request and a Triton restart loses nothing; the price is the embedding's bytes on
-the wire per warm call (SAM3-Small 7 MB fp32, full SAM3 ~117 MB fp32). The docs show the
+the wire per warm call (SAM3-Small 7 MB fp32, full SAM3 ~112 MB fp32). The docs show the
 measured per-call cost and when to co-locate instead.
 
 The naming and the config parameters below are the contract between the repository writer
@@ -38,8 +38,6 @@ log = logging.getLogger("engines.triton")
 
 DEFAULT_PREFIX = "sam3"
 DEFAULT_URL = "127.0.0.1:8001"
-# Whole-request model (image bytes + JSON request -> JSON document), served beside the parts.
-REQUEST_MODEL_SUFFIX = ""  # the whole-request model is named by the prefix alone: "sam3"
 
 # numpy dtype name <-> Triton model-config / KServe v2 names.
 CONFIG_DTYPES = {
@@ -76,7 +74,8 @@ def model_name(prefix: str, part: str) -> str:
 
 
 def request_model_name(prefix: str) -> str:
-    return prefix + REQUEST_MODEL_SUFFIX
+    """The whole-request model (image bytes + JSON request -> JSON document): the prefix alone."""
+    return prefix
 
 
 def triton_batching(spec: PartSpec) -> bool:
@@ -233,7 +232,7 @@ class TritonBackend:
         self.wait_s = float(wait_s)
         self.on_wait = on_wait
         grpc = _grpc()
-        # Embeddings of full-size SAM3 are ~117 MB per decode call: lift gRPC's 4 MB default.
+        # Embeddings of full-size SAM3 are ~112 MB per decode call: lift gRPC's 4 MB default.
         self._client = grpc.InferenceServerClient(
             url,
             channel_args=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
