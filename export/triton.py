@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping
 
 from engines.bundle import PART_NAMES, Bundle, PartSpec, commit_directory, staging_directory, write_atomic
 from engines.errors import BundleError
+from engines.options import DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_PROMPTS
 from engines.triton import (
     CONFIG_DTYPES,
     DEFAULT_PREFIX,
@@ -77,9 +78,10 @@ class RepositoryOptions:
     max_batch: int | None = None  # onnxruntime/python: batch limit of the batched parts
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     request_model: bool = True
+    # The whole-request model's limits: the server's defaults (engines.options, server/settings.py).
     limits: Mapping[str, Any] = field(default_factory=lambda: {
-        "max_megapixels": 40, "max_prompts": 16, "max_prompt_chars": 200, "max_detections": 100,
-        "embedding_cache_entries": 4,
+        "max_megapixels": DEFAULT_MAX_MEGAPIXELS, "max_prompts": DEFAULT_MAX_PROMPTS,
+        "max_prompt_chars": DEFAULT_MAX_PROMPT_CHARS, "max_detections": 100, "embedding_cache_entries": 4,
     })
 
     def __post_init__(self) -> None:
