@@ -46,6 +46,8 @@ def _build(model, out: Path, name: str, source, *, fp16_check: bool, decoder_max
         bar.close()
     print(f"wrote {out} ({name}): parity {_parity_line(manifest.parity['summary'])}; "
           f"TensorRT op audit: {'all supported' if manifest.op_audit['all_supported'] else 'UNSUPPORTED ops'}")
+    for note in manifest.export.get("config_notes", []):
+        print(f"note: {note}")
     return 0
 
 

@@ -32,6 +32,7 @@ from engines.bundle import (
     write_manifest,
 )
 from export import onnx_export, verify
+from export.model_config import UnsupportedConfig, check_exportable, fpn_names, kept_fpn_sizes
 from export.part_weights import PARTS, part_parameter_count, part_weights_sha256
 from export.split import split_model
 
@@ -54,7 +55,7 @@ LARGE_MASK_DECODER_MAX_BATCH = 2
 
 def default_decoder_max_batch(config) -> int:
     """Prompts per decoder call for this model shape (8 up to SAM3-Small's 72x72 masks, 2 at 288x288)."""
-    height, width = config.vision_config.backbone_feature_sizes[0]
+    height, width = kept_fpn_sizes(config)[0]
     return LARGE_MASK_DECODER_MAX_BATCH if height * width > LARGE_MASK_PIXELS else DEFAULT_DECODER_MAX_BATCH
 
 
@@ -78,7 +79,7 @@ class BuildOptions:
 def model_info(model) -> ModelInfo:
     config = model.config
     vision = config.vision_config
-    mask_h, mask_w = vision.backbone_feature_sizes[0]
+    mask_h, mask_w = kept_fpn_sizes(config)[0]  # the masks come out at the finest level
     return ModelInfo(
         architecture="sam3",
         image_size=int(vision.image_size),
@@ -98,6 +99,10 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
     from export.tokenizer import write_tokenizer_json
 
     model.eval()
+    try:  # before any work: a config the graphs cannot represent is refused with the reason
+        config_notes = check_exportable(model.config)
+    except UnsupportedConfig as exc:
+        raise BuildError(f"cannot export this SAM3 config: {exc}") from None
     out = Path(out)
     staging = staging_directory(out)
     timings: dict[str, float] = {}
@@ -162,7 +167,7 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
                 # prompts are batched through the text encoder and the decoder alike
                 max_batch=1 if name == "image_encoder" else decoder_max_batch,
             )
-            onnx_export.check_contract(spec)
+            onnx_export.check_contract(spec, fpn_names(model.config))
             specs[name] = spec
 
         manifest = Manifest(
@@ -175,7 +180,7 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
             parity={"bounds": vars(options.bounds), "summary": summary, "parts": parity_parts, "end_to_end": e2e},
             fp16_range=fp16,
             op_audit=audit,
-            export=_export_info(timings),
+            export=_export_info(timings, config_notes),
         )
         write_manifest(staging, manifest)
         options.progress("commit")
@@ -199,7 +204,7 @@ def _verification_inputs(parts: dict[str, nn.Module], cases: Sequence[verify.Pro
     }
 
 
-def _export_info(timings: dict[str, float]) -> dict[str, Any]:
+def _export_info(timings: dict[str, float], config_notes: Sequence[str] = ()) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import transformers
@@ -213,5 +218,7 @@ def _export_info(timings: dict[str, float]) -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
         "timings": timings,
+        # What the exporter ignored or derived in the model's config (export/model_config.py).
+        "config_notes": list(config_notes),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from engines.bundle import sha256_file
 from export.errors import CheckpointError, short_list
+from export.model_config import DEFAULT_SCALE_FACTORS, UnsupportedConfig, fpn_sizes
 from export.keymap import hf_to_meta_state_dict, meta_to_hf_state_dict
 
 __all__ = [
@@ -179,44 +180,35 @@ def _defaults() -> dict[str, Any]:
     return Sam3Config().to_dict()
 
 
-def _feature_sizes(grid: int) -> list[list[int]]:
-    """FPN sizes of the three levels transformers keeps: 4x, 2x, 1x the ViT grid."""
-    return [[4 * grid, 4 * grid], [2 * grid, 2 * grid], [grid, grid]]
-
-
 def _resolve_image_size(
     image_size: int | None, base: dict[str, Any], patch: int, rope: _RopeFacts | None
 ) -> int | None:
-    """``image_size`` arg > the config's image_size > Meta's global RoPE grid; checked.
+    """``image_size`` arg > the config's image_size > Meta's global RoPE grid > the config's
+    ``backbone_feature_sizes``.
 
-    A config's ``backbone_feature_sizes`` must agree with its own image_size; when the config
-    states feature sizes but no image_size, they pin the resolution and a different
-    ``image_size`` is an error. An explicit ``image_size`` otherwise overrides the config.
+    The feature sizes are only a hint, used when nothing else tells the resolution: the model
+    never reads them (export/model_config.py), so a stale value is no error.
     """
     given_vision = base.get("vision_config", {})
-    cfg_size = given_vision.get("backbone_config", {}).get("image_size")
-    sizes = given_vision.get("backbone_feature_sizes")
-    sizes = None if sizes is None else [list(s) for s in sizes]
-    if cfg_size is not None and sizes is not None and sizes != _feature_sizes(cfg_size // patch):
-        raise CheckpointError(
-            f"config is inconsistent: image_size {cfg_size} needs backbone_feature_sizes "
-            f"{_feature_sizes(cfg_size // patch)}, it has {sizes}"
-        )
-    size = image_size if image_size is not None else cfg_size
+    size = image_size if image_size is not None else given_vision.get("backbone_config", {}).get("image_size")
     if size is None and rope is not None and rope.grid is not None:
         size = rope.grid * patch
-    if size is None and sizes is not None:
-        size = sizes[-1][0] * patch
+    sizes = given_vision.get("backbone_feature_sizes")
+    scales = given_vision.get("scale_factors") or DEFAULT_SCALE_FACTORS
+    if size is None and sizes and len(scales) >= 2:
+        size = round(sizes[-1][0] / float(scales[len(sizes) - 1])) * patch
     if size is None:
         return None
     if size <= 0 or size % patch:
         raise CheckpointError(f"image size {size} is not a positive multiple of the patch size {patch}")
-    if cfg_size is None and sizes is not None and sizes != _feature_sizes(size // patch):
-        raise CheckpointError(
-            f"image size {size} (grid {size // patch}) is inconsistent with the config's "
-            f"backbone_feature_sizes {sizes} (expected {_feature_sizes(size // patch)})"
-        )
-    return size
+    return int(size)
+
+
+def _fpn_sizes(size: int, patch: int, vision: dict[str, Any]) -> list[list[int]]:
+    try:
+        return fpn_sizes(size, patch, vision.get("scale_factors"))
+    except UnsupportedConfig as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def infer_config_from_meta(
@@ -286,7 +278,7 @@ def infer_config_from_meta(
             )
         size = defaults["vision_config"]["backbone_config"]["image_size"]
     _section(merged, "backbone_config")["image_size"] = size
-    merged["vision_config"]["backbone_feature_sizes"] = _feature_sizes(size // patch)
+    merged["vision_config"]["backbone_feature_sizes"] = _fpn_sizes(size, patch, merged["vision_config"])
     return _make_config(merged)
 
 
@@ -449,19 +441,21 @@ def _build_model(config: "Sam3Config", state_dict: dict[str, Tensor]) -> "Sam3Mo
 # Public entry points
 # ----------------------------------------------------------------------------------------------
 def _apply_image_size(cfg: dict[str, Any], image_size: int | None) -> dict[str, Any]:
-    """HF configs: ``image_size`` overrides the resolution; feature sizes follow (4x, 2x, 1x)."""
+    """HF configs: ``image_size`` overrides the resolution; the feature sizes follow it.
+
+    Without ``image_size`` the config is taken as transformers takes it: a stale
+    ``backbone_feature_sizes`` is the build's note, not an error here.
+    """
     cfg = copy.deepcopy(cfg)
+    if image_size is None:
+        return cfg
     vision = cfg.setdefault("vision_config", {})
     backbone = vision.setdefault("backbone_config", {})
     patch = backbone.get("patch_size", 14)
-    if image_size is None:
-        size = backbone.get("image_size")
-        if size is not None and vision.get("backbone_feature_sizes") is not None:
-            _resolve_image_size(None, cfg, patch, None)  # consistency check only
-        return cfg
-    _resolve_image_size(image_size, cfg, patch, None)
-    backbone["image_size"] = image_size
-    vision["backbone_feature_sizes"] = _feature_sizes(image_size // patch)
+    size = _resolve_image_size(image_size, cfg, patch, None)
+    assert size is not None
+    backbone["image_size"] = size
+    vision["backbone_feature_sizes"] = _fpn_sizes(size, patch, vision)
     return cfg
 
 

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from engines.bundle import BATCH, PartSpec, TensorSpec, TensorNames as T
+from export.model_config import kept_fpn_sizes
+from export.tokenizer import CONTEXT_LENGTH
 
 OPSET = 18
 EXAMPLE_BATCH = 2
@@ -28,10 +30,15 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PartInputs:
-    """Example inputs and which of them carry the dynamic batch axis."""
+    """Example inputs and which of them carry the dynamic batch axis.
+
+    ``varargs``: the wrapper's ``forward`` takes them as ``*inputs`` (the decoder: its number of
+    FPN levels follows the config), so torch.export wants their shapes as one nested tuple.
+    """
 
     args: tuple[torch.Tensor, ...]
     batched: tuple[bool, ...]
+    varargs: bool = False
 
 
 def example_inputs(part: str, model, *, seed: int = 0) -> PartInputs:
@@ -40,7 +47,7 @@ def example_inputs(part: str, model, *, seed: int = 0) -> PartInputs:
     generator = torch.Generator().manual_seed(seed)
     size = config.vision_config.image_size
     hidden = config.detr_encoder_config.hidden_size
-    context = config.text_config.max_position_embeddings
+    context = CONTEXT_LENGTH  # what the tokenizer feeds (export/model_config.py checks the text model has it)
     b = EXAMPLE_BATCH
     if part == "image_encoder":
         return PartInputs((torch.randn(b, 3, size, size, generator=generator),), (True,))
@@ -50,20 +57,21 @@ def example_inputs(part: str, model, *, seed: int = 0) -> PartInputs:
         mask[0, context // 2:] = 0
         return PartInputs((ids, mask), (True, True))
     if part == "decoder":
-        sizes = config.vision_config.backbone_feature_sizes
-        levels = tuple(torch.randn(1, hidden, h, w, generator=generator) for h, w in sizes)
+        levels = tuple(torch.randn(1, hidden, h, w, generator=generator) for h, w in kept_fpn_sizes(config))
         cls = torch.randn(1, 1, hidden, generator=generator)
         text = torch.randn(b, context, hidden, generator=generator)
         mask = torch.ones(b, context, dtype=torch.int32)
         mask[0, 5:] = 0
-        return PartInputs((*levels, cls, text, mask), (False,) * 4 + (True, True))
+        return PartInputs((*levels, cls, text, mask), (False,) * (len(levels) + 1) + (True, True), varargs=True)
     raise ValueError(f"unknown part {part!r}")
 
 
 def export_part(part: str, module: nn.Module, inputs: PartInputs, path: Path) -> None:
     """Export ``module`` to ``path`` (plus ``path.data`` when over 2 GB)."""
     batch = torch.export.Dim("batch", min=1, max=64)
-    dynamic_shapes = tuple({0: batch} if batched else None for batched in inputs.batched)
+    dynamic_shapes: tuple = tuple({0: batch} if batched else None for batched in inputs.batched)
+    if inputs.varargs:
+        dynamic_shapes = (dynamic_shapes,)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -122,12 +130,13 @@ def external_data_files(path: Path) -> tuple[str, ...]:
     return (data.name,) if data.exists() else ()
 
 
-def check_contract(part: PartSpec) -> None:
-    """The exported I/O must be what the runtime expects: names from TensorNames, batch axes."""
+def check_contract(part: PartSpec, fpn: tuple[str, ...] = T.FPN) -> None:
+    """The exported I/O must be what the runtime expects: names from TensorNames (``fpn``: the
+    model's FPN level names), batch axes."""
     expected = {
-        "image_encoder": ((T.PIXEL_VALUES,), (*T.FPN, T.GEOMETRY_CLS)),
+        "image_encoder": ((T.PIXEL_VALUES,), (*fpn, T.GEOMETRY_CLS)),
         "text_encoder": ((T.INPUT_IDS, T.ATTENTION_MASK), (T.TEXT_FEATURES,)),
-        "decoder": ((*T.FPN, T.GEOMETRY_CLS, T.TEXT_FEATURES, T.TEXT_MASK),
+        "decoder": ((*fpn, T.GEOMETRY_CLS, T.TEXT_FEATURES, T.TEXT_MASK),
                     (T.PRED_MASKS, T.PRED_BOXES, T.PRED_LOGITS, T.PRESENCE_LOGITS)),
     }[part.name]
     if (part.input_names, part.output_names) != expected:

@@ -11,6 +11,10 @@ once per image and the runtime caches it with the embedding: no ``RoiAlign`` in 
 The decoder takes the image tensors with batch 1 and the prompts with batch N and broadcasts
 the image inside the graph, so N prompts on one image are one call without N copies of the
 (large) image features on the host.
+
+The FPN levels are the ones ``Sam3Model.forward`` uses (every level but the last): ``fpn_0`` ..
+``fpn_2`` (4x, 2x, 1x the ViT grid) for SAM3's scale factors, as many as the config makes
+otherwise (export/model_config.py derives them; the runtime feeds the decoder by name).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from transformers.models.sam3.modeling_sam3 import (
 )
 
 from engines.bundle import TensorNames as T
+from export.model_config import fpn_names, kept_fpn_sizes
 
 
 def reference_forward(model: Sam3Model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
@@ -77,31 +82,30 @@ def _geometry_cls_token(model: Sam3Model, features: torch.Tensor, position: torc
 
 
 def _level_position_encoding(model: Sam3Model) -> torch.Tensor:
-    """Sine position encoding of the 1x FPN level: a function of the shape only."""
-    vision_config = model.config.vision_config
-    height, width = vision_config.backbone_feature_sizes[-1]
-    shape = torch.Size([1, vision_config.fpn_hidden_size, height, width])
+    """Sine position encoding of the coarsest level used (1x for SAM3): a function of the shape only."""
+    height, width = kept_fpn_sizes(model.config)[-1]
+    shape = torch.Size([1, model.config.vision_config.fpn_hidden_size, height, width])
     dtype = next(model.parameters()).dtype  # fp16 for the FP16 range check's half copy
     return model.vision_encoder.neck.position_encoding(shape, "cpu", torch.float32).to(dtype)
 
 
 class ImageEncoder(nn.Module):
-    """pixel_values -> FPN levels 4x, 2x, 1x (0.5x pruned) + the geometry CLS token."""
-
-    input_names = (T.PIXEL_VALUES,)
-    output_names = (*T.FPN, T.GEOMETRY_CLS)
+    """pixel_values -> the FPN levels used (4x, 2x, 1x for SAM3; 0.5x pruned) + the geometry CLS token."""
 
     def __init__(self, model: Sam3Model) -> None:
         super().__init__()
         self.model = model
+        self.input_names = (T.PIXEL_VALUES,)
+        self.output_names = (*fpn_names(model.config), T.GEOMETRY_CLS)
         self.register_buffer("position", _level_position_encoding(model), persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         vision = self.model.vision_encoder(pixel_values)
-        fpn_0, fpn_1, fpn_2 = vision.fpn_hidden_states[:3]
-        position = self.position.expand(fpn_2.shape[0], -1, -1, -1)
-        cls = _geometry_cls_token(self.model, fpn_2, position)
-        return fpn_0, fpn_1, fpn_2, cls
+        levels = vision.fpn_hidden_states[:-1]  # Sam3Model.forward drops the last level
+        position = self.position.expand(levels[-1].shape[0], -1, -1, -1)
+        # The geometry encoder reads the coarsest level used (Sam3GeometryEncoder: img_feats[-1]).
+        cls = _geometry_cls_token(self.model, levels[-1], position)
+        return (*levels, cls)
 
 
 class TextEncoder(nn.Module):
@@ -126,19 +130,20 @@ class Decoder(nn.Module):
     geometry CLS token (mask = text mask, then 1).
     """
 
-    input_names = (*T.FPN, T.GEOMETRY_CLS, T.TEXT_FEATURES, T.TEXT_MASK)
     output_names = (T.PRED_MASKS, T.PRED_BOXES, T.PRED_LOGITS, T.PRESENCE_LOGITS)
 
     def __init__(self, model: Sam3Model) -> None:
         super().__init__()
         self.model = model
+        self.input_names = (*fpn_names(model.config), T.GEOMETRY_CLS, T.TEXT_FEATURES, T.TEXT_MASK)
         self.register_buffer("position", _level_position_encoding(model), persistent=False)
 
-    def forward(self, fpn_0: torch.Tensor, fpn_1: torch.Tensor, fpn_2: torch.Tensor, geometry_cls: torch.Tensor,
-                text_features: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(*fpn_levels, geometry_cls, text_features, text_mask)``, in ``input_names`` order."""
+        *levels, geometry_cls, text_features, text_mask = inputs
         model = self.model
         batch = text_features.shape[0]
-        features = [level.expand(batch, -1, -1, -1) for level in (fpn_0, fpn_1, fpn_2)]
+        features = [level.expand(batch, -1, -1, -1) for level in levels]
         position = self.position.expand(batch, -1, -1, -1)
         prompt = torch.cat([text_features, geometry_cls.expand(batch, -1, -1)], dim=1)
         prompt_mask = torch.cat(

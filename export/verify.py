@@ -104,8 +104,9 @@ def part_parity(parts: dict[str, nn.Module], sessions: dict[str, ort.InferenceSe
 
 def run_chain(sessions: dict[str, ort.InferenceSession], case: PromptCase) -> dict[str, np.ndarray]:
     """The runtime's data flow (image -> text -> decoder) through ONNX Runtime."""
-    image = sessions["image_encoder"].run(None, {T.PIXEL_VALUES: case.pixel_values.numpy()})
-    image_tensors = dict(zip((*T.FPN, T.GEOMETRY_CLS), image))
+    image_session = sessions["image_encoder"]
+    image = image_session.run(None, {T.PIXEL_VALUES: case.pixel_values.numpy()})
+    image_tensors = {output.name: value for output, value in zip(image_session.get_outputs(), image)}
     ids, mask = case.input_ids.numpy(), case.attention_mask.numpy()
     (text,) = sessions["text_encoder"].run(None, {T.INPUT_IDS: ids, T.ATTENTION_MASK: mask})
     outputs = sessions["decoder"].run(None, {**image_tensors, T.TEXT_FEATURES: text, T.TEXT_MASK: mask})

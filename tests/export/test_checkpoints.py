@@ -381,24 +381,31 @@ def _tiny_without_image_size() -> dict:
     return cfg
 
 
+def test_error_image_size_not_a_multiple_of_the_patch(tiny_meta_sd, tmp_path):
+    torch.save(tiny_meta_sd, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "checkpoint.pt", config="tiny", image_size=100)
+    assert "not a positive multiple of the patch size 14" in _one_line(exc)
+
+
 @pytest.mark.parametrize(
-    ("image_size", "config", "needle"),
+    ("image_size", "config"),
     [
-        (100, "tiny", "not a positive multiple of the patch size 14"),
-        (224, "pinned", "image size 224 (grid 16) is inconsistent with the config's backbone_feature_sizes"),
-        (None, "self-contradicting", "config is inconsistent: image_size 224"),
+        (224, "pinned"),  # feature sizes for 112 px, no image_size in the config, --image-size 224
+        (None, "stale"),  # the config's own image_size 224 with the feature sizes of 112 px
     ],
 )
-def test_error_inconsistent_image_size(tiny_meta_sd, tmp_path, image_size, config, needle):
+def test_stale_feature_sizes_do_not_decide_the_resolution(tiny_meta_sd, tmp_path, image_size, config):
+    """Sam3Model never reads backbone_feature_sizes: the image size wins, the sizes are derived."""
     if config == "pinned":
         config = _tiny_without_image_size()
-    elif config == "self-contradicting":
+    else:
         config = preset_dict("tiny")
         config["vision_config"]["backbone_config"]["image_size"] = 224
     torch.save(tiny_meta_sd, tmp_path / "checkpoint.pt")
-    with pytest.raises(CheckpointError) as exc:
-        load_checkpoint(tmp_path / "checkpoint.pt", config=config, image_size=image_size)
-    assert needle in _one_line(exc)
+    loaded = load_checkpoint(tmp_path / "checkpoint.pt", config=config, image_size=image_size)
+    assert loaded.config.vision_config.backbone_config.image_size == 224
+    assert loaded.config.vision_config.backbone_feature_sizes == [[64, 64], [32, 32], [16, 16]]
 
 
 def test_feature_sizes_alone_give_the_resolution(tiny_meta_sd, tmp_path):
