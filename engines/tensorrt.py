@@ -801,7 +801,12 @@ class TensorRTPart:
     def device_bytes(self) -> int:
         if self.engine is None:
             return 0
-        engine_bytes = self.engine.device_memory_size_v2
+        engine = self.engine
+        # _v2 counts weight-streaming scratch too; older TensorRT 10 releases have only the first.
+        if hasattr(engine, "device_memory_size_v2"):
+            engine_bytes = engine.device_memory_size_v2
+        else:
+            engine_bytes = engine.device_memory_size
         return int(engine_bytes) + sum(capacity for _, capacity in self._buffers.values())
 
     def close(self) -> None:
