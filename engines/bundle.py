@@ -181,6 +181,9 @@ class Manifest:
     fp16_range: dict[str, Any] = field(default_factory=dict)
     op_audit: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)  # exporter, opset, library versions
+    # What the model is for people: description, vocabulary it was trained on, whether its
+    # weights are random (the page and /info show it). Optional: {} for real SAM3 weights.
+    card: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def part(self, name: str) -> PartSpec:
@@ -202,6 +205,7 @@ class Manifest:
             "fp16_range": self.fp16_range,
             "op_audit": self.op_audit,
             "export": self.export,
+            "card": self.card,
         }
 
     @classmethod
@@ -232,6 +236,7 @@ class Manifest:
                 fp16_range=dict(data.get("fp16_range", {})),
                 op_audit=dict(data.get("op_audit", {})),
                 export=dict(data.get("export", {})),
+                card=dict(data.get("card", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"manifest is malformed: {exc!r}") from exc

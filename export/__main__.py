@@ -34,14 +34,15 @@ def _progress_bar(total: int):
 
 
 def _build(model, out: Path, name: str, source, *, fp16_check: bool, decoder_max_batch: int | None,
-           max_cases: int | None = None, fp16_error_run: bool = True) -> int:
+           max_cases: int | None = None, fp16_error_run: bool = True, card: dict | None = None) -> int:
     from export.build import BuildOptions, build_bundle
 
     bar, step = _progress_bar(total=8)
     try:
         manifest = build_bundle(model, out, BuildOptions(
             name=name, source=source, progress=step, fp16_check=fp16_check,
-            decoder_max_batch=decoder_max_batch, max_cases=max_cases, fp16_error_run=fp16_error_run))
+            decoder_max_batch=decoder_max_batch, max_cases=max_cases, fp16_error_run=fp16_error_run,
+            card=card or {}))
     finally:
         bar.close()
     print(f"wrote {out} ({name}): parity {_parity_line(manifest.parity['summary'])}; "
@@ -72,10 +73,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         model, loras = merge_adapters(model, args.lora, lora_options, checkpoint_format=loaded.format)
     source = SourceInfo(checkpoint=loaded.source_name, checkpoint_sha256=loaded.sha256, format=loaded.format,
                         loras=tuple(loras))
-    name = args.name or Path(args.checkpoint).stem
+    from export.model_card import read_model_card
+
+    card = getattr(args, "card", None) or read_model_card(args.checkpoint, args.lora or ())
+    name = args.name or card.get("name") or Path(args.checkpoint).stem
     return _build(model, Path(args.out), name, source, fp16_check=not args.skip_fp16_check,
                   decoder_max_batch=args.decoder_max_batch, max_cases=args.verify_cases,
-                  fp16_error_run=not args.skip_fp16_error_run)
+                  fp16_error_run=not args.skip_fp16_error_run, card=card)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -97,7 +101,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             lora=None, lora_rank=None, lora_alpha=None, lora_config=None,
             name=f"sam3-{args.preset}-random-weights", skip_fp16_check=args.skip_fp16_check,
             skip_fp16_error_run=args.skip_fp16_error_run,
-            decoder_max_batch=args.decoder_max_batch, verify_cases=args.verify_cases)
+            decoder_max_batch=args.decoder_max_batch, verify_cases=args.verify_cases,
+            card={"name": f"sam3-{args.preset}-random-weights", "random_weights": True,
+                  "description": "Random weights (seeded): the real architecture for performance work; "
+                                 "its masks are meaningless."})
         code = cmd_build(build_args)
     print("note: the demo model has RANDOM weights: its masks are meaningless. "
           "See README 'Export real weights' to export facebook/sam3.")
@@ -112,6 +119,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     manifest = quantize_bundle(Path(args.bundle), Path(args.out), parts)
     print(f"wrote {args.out} ({manifest.name}, ONNX Runtime CPU only): int8 {', '.join(parts)}; vs the fp32 "
           f"bundle {_parity_line(manifest.parity['int8_vs_fp32']['summary'])}")
+    return 0
+
+
+def cmd_emulate_fp16(args: argparse.Namespace) -> int:
+    """A CPU copy of a bundle that rounds like a TensorRT FP16 engine (see export/fp16_emulation.py)."""
+    from export.fp16_emulation import emulate_bundle
+
+    manifest = emulate_bundle(Path(args.bundle), Path(args.out))
+    counts = manifest.export["quantization"]["counts"]
+    rounded = sum(c["rounded_outputs"] for c in counts.values())
+    print(f"wrote {args.out} ({manifest.name}, ONNX Runtime CPU only): {rounded} node outputs rounded to fp16, "
+          f"normalisation/softmax/reduce and {sum(len(p.fp32_layers) for p in manifest.parts.values())} "
+          f"manifest layers kept in fp32")
     return 0
 
 
@@ -195,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--parts", default="image_encoder",
                           help="comma-separated parts to quantize (default: image_encoder, the cold path's cost)")
     quantize.set_defaults(func=cmd_quantize)
+
+    emulate = sub.add_parser("emulate-fp16", help="write a CPU copy of a bundle that rounds like TensorRT FP16")
+    emulate.add_argument("bundle", help="an fp32 bundle written by build/demo")
+    emulate.add_argument("--out", required=True, help="the emulation bundle directory to write")
+    emulate.set_defaults(func=cmd_emulate_fp16)
 
     inspect = sub.add_parser("inspect", help="print a bundle's manifest summary and re-check sha256")
     inspect.add_argument("bundle")

@@ -74,6 +74,7 @@ class BuildOptions:
     fp16_error_run: bool = True  # also run a half-precision copy on CPU (slow at full size)
     max_cases: int | None = None  # end-to-end cases to verify (None: all sample photos)
     progress: Callable[[str], None] = lambda stage: None
+    card: dict[str, Any] = field(default_factory=dict)  # model card for the manifest (see model_card.py)
 
 
 def model_info(model) -> ModelInfo:
@@ -181,6 +182,7 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
             fp16_range=fp16,
             op_audit=audit,
             export=_export_info(timings, config_notes),
+            card=options.card,
         )
         write_manifest(staging, manifest)
         options.progress("commit")

@@ -203,6 +203,7 @@ def _manifest_summary(manifest: Manifest) -> dict[str, Any]:
     model = manifest.model
     return {
         "name": manifest.name,
+        "card": dict(manifest.card),
         "schema_version": manifest.schema_version,
         "architecture": model.architecture,
         "image_size": model.image_size,

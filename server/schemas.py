@@ -236,6 +236,7 @@ class TokenizerOut(_Response):
 
 class ManifestOut(_Response):
     name: str
+    card: dict[str, Any] = Field(default_factory=dict, description="The bundle's model card ({} when none).")
     schema_version: int
     architecture: str
     image_size: int
