@@ -63,7 +63,7 @@ def reference_forward(model: Sam3Model, pixel_values: torch.Tensor, input_ids: t
     }
 
 
-def _geometry_cls_token(model: Sam3Model, features: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+def geometry_cls_token(model: Sam3Model, features: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """Geometry-encoder output for a prompt holding only the CLS token (no valid boxes).
 
     Equals ``Sam3GeometryEncoder.forward`` with one padding box: the padded box is masked
@@ -104,7 +104,7 @@ class ImageEncoder(nn.Module):
         levels = vision.fpn_hidden_states[:-1]  # Sam3Model.forward drops the last level
         position = self.position.expand(levels[-1].shape[0], -1, -1, -1)
         # The geometry encoder reads the coarsest level used (Sam3GeometryEncoder: img_feats[-1]).
-        cls = _geometry_cls_token(self.model, levels[-1], position)
+        cls = geometry_cls_token(self.model, levels[-1], position)
         return (*levels, cls)
 
 

@@ -1,0 +1,151 @@
+"""Training code on the tiny model: the forward is the exported semantics, the objective can
+learn, runs resume exactly, and both adapter formats merge to the same weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.split import reference_forward
+from training.data import DISTRACTORS, DataOptions, make_batch, training_tokenizer
+from training.forward import forward_train
+from training.losses import LossWeights, Targets, detection_loss, hungarian_match
+from training.trainer import TrainConfig, train
+
+TINY = DataOptions(image_size=112, mask_size=32, images_per_step=2, prompts_per_image=3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return training_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _fresh(seed: int = 0):
+    from tests.conftest import make_tiny_model
+
+    return make_tiny_model(seed=seed)
+
+
+def test_forward_last_layer_equals_the_exported_reference(tokenizer) -> None:
+    model = _fresh()
+    batch = make_batch(TINY, 0, tokenizer)
+    with torch.no_grad():
+        out = forward_train(model, batch.pixel_values, batch.image_index, batch.input_ids, batch.attention_mask)
+        first = batch.image_index == 0
+        ref = reference_forward(model, batch.pixel_values[:1], batch.input_ids[first], batch.attention_mask[first])
+    assert out.logits.shape[0] == model.config.detr_decoder_config.num_layers
+    torch.testing.assert_close(out.logits[-1][first], ref["pred_logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.boxes[-1][first], ref["pred_boxes"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.masks[first], ref["pred_masks"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.presence[-1][first], ref["presence_logits"], atol=1e-5, rtol=0)
+
+
+def test_batches_are_deterministic_and_hold_present_and_absent_prompts(tokenizer) -> None:
+    options = dataclasses.replace(TINY, images_per_step=6, prompts_per_image=4)
+    a, b = make_batch(options, 7, tokenizer), make_batch(options, 7, tokenizer)
+    assert a.prompts == b.prompts and torch.equal(a.pixel_values, b.pixel_values)
+    assert a.prompts != make_batch(options, 8, tokenizer).prompts
+    present = [len(boxes) > 0 for boxes in a.targets.boxes]
+    assert any(present) and not all(present)
+    for prompt, boxes, masks in zip(a.prompts, a.targets.boxes, a.targets.masks):
+        assert boxes.shape[0] == masks.shape[0]
+        if prompt in DISTRACTORS:
+            assert boxes.shape[0] == 0
+        assert "star" not in prompt
+        if boxes.shape[0]:
+            assert float(boxes.min()) >= 0 and float(boxes.max()) <= 1
+            assert float(masks.max()) > 0.5
+
+
+def test_matching_pairs_exact_predictions_and_their_loss_is_small() -> None:
+    gt = torch.tensor([[0.1, 0.1, 0.3, 0.4], [0.5, 0.5, 0.9, 0.8]])
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.9, 0.8], [0.2, 0.2, 0.3, 0.3], [0.1, 0.1, 0.3, 0.4]]])
+    logits = torch.zeros(1, 4)
+    (rows, cols), = hungarian_match(logits, boxes[0:1], Targets(boxes=[gt], masks=[]), LossWeights())
+    assert dict(zip(cols.tolist(), rows.tolist())) == {0: 3, 1: 1}
+
+
+def test_the_objective_learns_one_batch(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = _fresh(seed=1).train()
+    batch = make_batch(TINY, 0, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        out = forward_train(model, batch.pixel_values, batch.image_index, batch.input_ids, batch.attention_mask)
+        loss = detection_loss(out, batch.targets)
+        optimizer.zero_grad()
+        loss["total"].backward()
+        optimizer.step()
+        losses.append(float(loss["total"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_training_resumes_exactly(tmp_path, monkeypatch) -> None:
+    import training.trainer as trainer
+
+    config = TrainConfig(steps=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1, threads=1)
+    straight = _fresh(seed=2)
+    train(straight, straight.parameters(), config, TINY, tmp_path / "straight", resume=False)
+
+    save = trainer.save_state
+
+    def save_then_die(path, model, optimizer, scheduler, step, *args):
+        save(path, model, optimizer, scheduler, step, *args)
+        if step == 2:
+            raise KeyboardInterrupt  # the run is killed right after its first checkpoint
+
+    interrupted = _fresh(seed=2)
+    monkeypatch.setattr(trainer, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, interrupted.parameters(), config, TINY, tmp_path / "resumed", resume=False)
+    monkeypatch.setattr(trainer, "save_state", save)
+    with pytest.raises(SystemExit, match="other settings"):  # another schedule is not a resume
+        other = _fresh(seed=2)
+        train(other, other.parameters(), dataclasses.replace(config, lr=2e-3), TINY, tmp_path / "resumed",
+              resume=True)
+    resumed = _fresh(seed=5)  # different init: everything must come from the saved state
+    train(resumed, resumed.parameters(), config, TINY, tmp_path / "resumed", resume=True)
+
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
+
+
+def test_peft_directory_and_sam3_lora_pt_merge_to_the_same_weights(tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from export.build import weights_sha256
+    from export.lora import LoraOptions, merge_adapters
+    from training.lora import META_FILE, META_YAML, PEFT_DIR, lora_targets, write_adapter
+
+    model = _fresh(seed=4)
+    targets = lora_targets(model)
+    assert any(".self_attn.q_proj" in t for t in targets) and any("mlp.fc1" in t for t in targets)
+    assert not any(t.startswith(("vision_encoder", "text_encoder", "geometry_encoder")) for t in targets)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():  # PEFT starts B at zero: give the adapter a real update
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    write_adapter(tmp_path, peft_model, model, rank=4, alpha=8)
+
+    merged = {}
+    for fmt, path, options in (
+        ("peft", tmp_path / PEFT_DIR, LoraOptions()),
+        ("meta", tmp_path / META_FILE, LoraOptions(config=str(tmp_path / META_YAML))),
+    ):
+        merged_model, info = merge_adapters(_fresh(seed=4), [str(path)], options, checkpoint_format="hf")
+        merged[fmt] = merged_model
+    base = _fresh(seed=4)
+    for part, module in (("decoder", "detr_decoder"), ("encoder", "detr_encoder"), ("mask", "mask_decoder")):
+        a = weights_sha256(getattr(merged["peft"], module))
+        assert a == weights_sha256(getattr(merged["meta"], module)), f"{part}: formats disagree"
+        assert a != weights_sha256(getattr(base, module)), f"{part}: the adapter changed nothing"
+    assert weights_sha256(merged["meta"].vision_encoder) == weights_sha256(base.vision_encoder)

@@ -1,0 +1,148 @@
+"""Training batches from generated scenes: a pure function of (seed, step), so runs resume exactly.
+
+Each image gets several prompts, present and absent ones, so the text has to condition the
+answer: "red circle" must find the red circles and nothing else, "circle" every circle,
+"blue triangle" on an image without one must find nothing. A share of the absent prompts are
+everyday words outside the vocabulary ("person", "car"), so unknown prompts answer nothing too.
+Pixels go through the runtime's own preprocessing and prompts through the bundle tokenizer,
+so training sees exactly what the served model sees.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from engines.bundle import Preprocessing, TokenizerInfo
+from engines.preprocess import to_pixel_values
+from engines.tokenizer import PromptTokenizer
+from scenes.generator import BASE_SHAPES, COLOURS, Scene, SceneOptions, generate_scene, vocabulary
+from training.losses import Targets
+
+# Everyday words a user may type: never drawn, so the model must answer nothing for them.
+DISTRACTORS = (
+    "person", "man", "woman", "child", "face", "hand", "dog", "cat", "bird", "horse", "car", "truck",
+    "bus", "bicycle", "boat", "plane", "train", "tree", "flower", "grass", "house", "building", "road",
+    "window", "door", "chair", "table", "bed", "cup", "bottle", "book", "phone", "laptop", "keyboard",
+    "shoe", "hat", "ball", "box", "bag", "clock", "lamp", "sky", "cloud", "water", "rock", "sign",
+    "apple", "banana", "pizza", "cake", "line", "text", "logo", "background", "shadow", "wall",
+    "rectangle", "oval", "hexagon", "heart", "arrow", "cross", "diamond", "ring", "dot", "stripe",
+    "white", "black", "grey", "pink", "brown", "cyan",
+)
+DISTRACTOR_SHARE = 0.2  # of absent prompts
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    image_size: int
+    mask_size: int
+    images_per_step: int = 8
+    prompts_per_image: int = 4
+    seed: int = 0
+    shapes: tuple[str, ...] = BASE_SHAPES
+    require_shape: str | None = None
+    present_share: float = 0.5
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor  # [B, 3, S, S]
+    image_index: torch.Tensor  # [N] long
+    input_ids: torch.Tensor  # [N, T] long
+    attention_mask: torch.Tensor  # [N, T] long
+    targets: Targets
+    prompts: list[str]
+
+
+def training_tokenizer(directory: str | Path | None = None) -> PromptTokenizer:
+    """The CLIP tokenizer every bundle ships (same ids as the runtime's)."""
+    from export.tokenizer import write_tokenizer_json
+
+    directory = Path(directory or tempfile.mkdtemp(prefix="sam3-train-tok-"))
+    info = write_tokenizer_json(directory / "tokenizer.json")
+    return PromptTokenizer(directory / "tokenizer.json", TokenizerInfo(**info))
+
+
+def scene_seed(seed: int, step: int, index: int, images_per_step: int) -> int:
+    """Training scenes live in [1e9, ...); held-out evaluation scenes use small seeds."""
+    return 1_000_000_000 + seed * 100_000_000 + step * images_per_step + index
+
+
+def sample_prompts(scene: Scene, rng: np.random.Generator, count: int, shapes: Sequence[str],
+                   present_share: float) -> list[str]:
+    vocab = vocabulary(shapes)
+    present = sorted({obj.category for obj in scene.objects} | {obj.shape for obj in scene.objects})
+    absent = [p for p in vocab if p not in present]
+    rng.shuffle(present)
+    rng.shuffle(absent)
+    chosen: list[str] = []
+    for _ in range(count):
+        if present and (rng.random() < present_share or not absent):
+            chosen.append(present.pop())
+        elif rng.random() < DISTRACTOR_SHARE:
+            chosen.append(str(rng.choice(DISTRACTORS)))
+        elif absent:
+            chosen.append(absent.pop())
+        else:
+            chosen.append(str(rng.choice(DISTRACTORS)))
+    return chosen
+
+
+def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> Batch:
+    rng = np.random.default_rng([options.seed, step])
+    scene_options = SceneOptions(shapes=options.shapes, require_shape=options.require_shape)
+    prep = Preprocessing(image_size=options.image_size)
+    pixels, image_index, prompts, boxes, masks = [], [], [], [], []
+    for i in range(options.images_per_step):
+        scene = generate_scene(scene_seed(options.seed, step, i, options.images_per_step), scene_options)
+        pixels.append(to_pixel_values(scene.image, prep)[0])
+        height, width = scene.size
+        scale = np.asarray([width, height, width, height], dtype=np.float32)
+        small = [cv2.resize(obj.mask.astype(np.float32), (options.mask_size, options.mask_size),
+                            interpolation=cv2.INTER_AREA) for obj in scene.objects]
+        for prompt in sample_prompts(scene, rng, options.prompts_per_image, options.shapes, options.present_share):
+            hits = scene.matching(prompt)
+            prompts.append(prompt)
+            image_index.append(i)
+            boxes.append(torch.from_numpy(np.asarray([np.asarray(scene.objects[k].box) / scale for k in hits],
+                                                     dtype=np.float32).reshape(-1, 4)))
+            masks.append(torch.from_numpy(np.asarray([small[k] for k in hits], dtype=np.float32).reshape(
+                -1, options.mask_size, options.mask_size)))
+    ids, attention = tokenizer.encode(prompts)
+    return Batch(
+        pixel_values=torch.from_numpy(np.stack(pixels)),
+        image_index=torch.tensor(image_index, dtype=torch.long),
+        input_ids=torch.from_numpy(ids).long(),
+        attention_mask=torch.from_numpy(attention).long(),
+        targets=Targets(boxes=boxes, masks=masks),
+        prompts=prompts,
+    )
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Batches for steps [start, stop), built in a DataLoader worker while the model trains."""
+
+    def __init__(self, options: DataOptions, start: int, stop: int, tokenizer_dir: str) -> None:
+        self.options, self.start, self.stop, self.tokenizer_dir = options, start, stop, tokenizer_dir
+
+    def __iter__(self) -> Iterator[Batch]:
+        tokenizer = PromptTokenizer(Path(self.tokenizer_dir) / "tokenizer.json",
+                                    _tokenizer_info(Path(self.tokenizer_dir)))
+        for step in range(self.start, self.stop):
+            yield make_batch(self.options, step, tokenizer)
+
+
+def _tokenizer_info(directory: Path) -> TokenizerInfo:
+    from export.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, PAD_ID
+
+    return TokenizerInfo(file="tokenizer.json", sha256="", context_length=CONTEXT_LENGTH, pad_id=PAD_ID,
+                         bos_id=BOS_ID, eos_id=EOS_ID)
+
+
+__all__ = ["Batch", "BatchStream", "DataOptions", "DISTRACTORS", "make_batch", "training_tokenizer", "COLOURS"]
