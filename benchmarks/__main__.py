@@ -4,6 +4,8 @@
     python -m benchmarks http --url http://127.0.0.1:8000 --concurrency 4 --requests 100 --compare out.json
     python -m benchmarks schema pipeline|http     # the JSON schema of the documents
     python -m benchmarks report out.json --markdown out.md --plot out.png   # re-render a saved run
+    python -m benchmarks accuracy --bundle DIR --scenes 200 --json acc.json   # accuracy end to end
+    python -m benchmarks accuracy --checkpoint models/shapes --dataset coco_dir  # the PyTorch model
 
 Exit codes: 0 done, 2 bad arguments or input, 1 the benchmark failed (one line on stderr).
 Goals missed are reported in the output, not as a failing exit: this is a measurement.
@@ -69,6 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     outputs(http)
     http.set_defaults(func=cmd_http)
 
+    acc = sub.add_parser("accuracy", help="precision/recall/IoU/mask AP end to end on a COCO dataset")
+    model = acc.add_mutually_exclusive_group(required=True)
+    model.add_argument("--bundle", type=Path, help="a bundle, run through Sam3Pipeline")
+    model.add_argument("--checkpoint", type=Path, help="an HF/Meta checkpoint, run in PyTorch (needs torch)")
+    model.add_argument("--url", help="a running server (POST /segment)")
+    acc.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    acc.add_argument("--lora", action="append", default=[], help="with --checkpoint: adapters to merge")
+    acc.add_argument("--lora-alpha", type=float, default=None)
+    acc.add_argument("--lora-config", default=None)
+    acc.add_argument("--api-key", default=os.environ.get("SAM3_API_KEY"))
+    data = acc.add_mutually_exclusive_group(required=True)
+    data.add_argument("--dataset", type=Path, help="COCO dataset: a directory with annotations.json (or the JSON)")
+    data.add_argument("--scenes", type=int, help="generate this many held-out scenes (scenes/generator.py)")
+    acc.add_argument("--scene-seed", type=int, default=7, help="held-out set seed (training never uses small seeds)")
+    acc.add_argument("--shapes", default="base", choices=("base", "all"),
+                     help="base: circle/square/triangle; all: with the held-out star")
+    acc.add_argument("--require-shape", default=None, help="every generated scene holds this shape (e.g. star)")
+    acc.add_argument("--write-dataset", type=Path, default=None, help="keep the generated COCO dataset here")
+    acc.add_argument("--score-threshold", type=float, default=0.5)
+    acc.add_argument("--iou-threshold", type=float, default=0.5)
+    acc.add_argument("--limit", type=int, default=None, help="first N images only")
+    acc.add_argument("--supercategory-prompts", action=argparse.BooleanOptionalAction, default=None,
+                     help="also prompt with supercategory names (default: on for generated scene sets)")
+    outputs(acc)
+    acc.set_defaults(func=cmd_accuracy)
+
+    summary = sub.add_parser("accuracy-summary", help="one table over the accuracy reports in a directory")
+    summary.add_argument("directory", type=Path)
+    summary.add_argument("--same-weights", nargs=2, action="append", default=[], metavar=("BUNDLE_A", "BUNDLE_B"),
+                         help="also report whether two bundles' per-part weight hashes are identical")
+    summary.add_argument("--markdown", default=None)
+
     schema = sub.add_parser("schema", help="print the JSON schema of a benchmark document")
     schema.add_argument("kind", choices=("pipeline", "http"))
 
@@ -129,6 +163,62 @@ def cmd_http(args: argparse.Namespace) -> dict[str, Any]:
     return run_http_benchmark(config)
 
 
+def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    from benchmarks import accuracy
+    from scenes.coco import write_scene_dataset
+    from scenes.generator import ALL_SHAPES, BASE_SHAPES
+
+    config = accuracy.AccuracyConfig(score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
+                                     supercategory_prompts=args.supercategory_prompts, limit=args.limit)
+    for name, value in (("--score-threshold", config.score_threshold), ("--iou-threshold", config.iou_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"{name} must be in [0, 1]")
+    if args.scenes is not None:
+        if args.scenes < 1:
+            raise UsageError("--scenes must be >= 1")
+        target = args.write_dataset or Path(tempfile.mkdtemp(prefix="sam3-scenes-")) / "heldout"
+        write_scene_dataset(target, args.scenes, seed=args.scene_seed,
+                            shapes=ALL_SHAPES if args.shapes == "all" else BASE_SHAPES,
+                            require_shape=args.require_shape)
+        dataset_path = target
+    else:
+        if not args.dataset.exists():
+            raise UsageError(f"dataset not found: {args.dataset}")
+        dataset_path = args.dataset
+    try:
+        dataset = accuracy.load_dataset(dataset_path, config.supercategory_prompts)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.bundle is not None:
+        if not args.bundle.is_dir():
+            raise UsageError(f"bundle not found: {args.bundle}")
+        segment, model = accuracy.pipeline_segmenter(args.bundle, args.backend, config)
+    elif args.checkpoint is not None:
+        if not args.checkpoint.exists():
+            raise UsageError(f"checkpoint not found: {args.checkpoint}")
+        from benchmarks.torch_segmenter import torch_segmenter
+
+        segment, model = torch_segmenter(args.checkpoint, args.lora, lora_alpha=args.lora_alpha,
+                                         lora_config=args.lora_config, config=config)
+    else:
+        segment, model = accuracy.http_segmenter(args.url, config, args.api_key)
+    from tqdm import tqdm
+
+    bar = tqdm(total=min(len(dataset.coco.getImgIds()), args.limit or 10**9), unit="image", file=sys.stderr,
+               leave=False)
+    try:
+        doc = accuracy.evaluate(segment, dataset, config, progress=lambda done, total: bar.update(1))
+    finally:
+        bar.close()
+    doc["model"] = model
+    if args.scenes is not None:
+        doc["dataset"]["generated"] = {"scenes": args.scenes, "seed": args.scene_seed, "shapes": args.shapes,
+                                       "require_shape": args.require_shape}
+    return doc
+
+
 class UsageError(Exception):
     pass
 
@@ -143,6 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from benchmarks import report
 
+    if args.command == "accuracy-summary":
+        from benchmarks.accuracy import summary_markdown
+
+        text = summary_markdown(args.directory, args.same_weights)
+        if args.markdown:
+            _write(args.markdown, text)
+        print(text)
+        return EXIT_OK
     if args.command == "schema":
         print(json.dumps(report.PIPELINE_SCHEMA if args.kind == "pipeline" else report.HTTP_SCHEMA, indent=2))
         return EXIT_OK
@@ -156,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.markdown:
             _write(args.markdown, text)
         if args.plot:
+            if doc["kind"] == "accuracy":
+                raise UsageError("--plot draws latency documents; accuracy has markdown and JSON")
             report.plot(doc, args.plot)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

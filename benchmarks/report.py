@@ -260,6 +260,10 @@ def http_markdown(doc: dict[str, Any]) -> str:
 
 
 def markdown(doc: dict[str, Any]) -> str:
+    if doc["kind"] == "accuracy":
+        from benchmarks.accuracy import markdown as accuracy_markdown
+
+        return accuracy_markdown(doc)
     return pipeline_markdown(doc) if doc["kind"] == "pipeline" else http_markdown(doc)
 
 
