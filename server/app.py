@@ -19,6 +19,7 @@ from engines.errors import BundleError
 from engines.options import Limits, SegmentOptions
 from engines.types import ImageEmbedding, LoadedImage, TextEmbedding
 from server.cache import EmbeddingCache, TextCache
+from server.demo import router as demo_router
 from server.errors import install_error_handler
 from server.metrics import Metrics
 from server.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -133,6 +134,7 @@ def create_app(settings: Settings, pipeline_factory: PipelineFactory[Sam3Pipelin
     install_error_handler(app)
     app.include_router(api)
     app.include_router(probes)
+    app.include_router(demo_router)
     app.add_middleware(BodyLimitMiddleware, max_bytes_of=lambda: settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
