@@ -309,7 +309,7 @@ def _merge_peft(model, path: Path) -> tuple[Sam3Model, dict[str, Any]]:
         raise LoraError(f"{path.name}: PEFT could not apply the adapter to Sam3Model: {reason}") from exc
     _check_peft_landed(file_sd, get_peft_model_state_dict(peft_model), path.name)
     modules = sorted({_LORA_KEY.match(_strip(k))["module"] for k in file_sd if _LORA_KEY.match(_strip(k))})
-    merged_model = peft_model.merge_and_unload()
+    merged_model = _merge_peft_exactly(peft_model)
     hyper = Hyper(
         rank=int(config.r),
         alpha=float(config.lora_alpha),
@@ -332,6 +332,39 @@ def _merge_peft(model, path: Path) -> tuple[Sam3Model, dict[str, Any]]:
         fan_in_fan_out=bool(config.fan_in_fan_out),
     )
     return merged_model, info
+
+
+def _merge_peft_exactly(peft_model) -> Sam3Model:
+    """``merge_and_unload`` with PEFT's own scaling, the sum rounded once from float64.
+
+    PEFT merges in the weight's dtype (dW rounded, then W + dW rounded again); the SAM3-LoRA
+    path adds a float64 dW and rounds once. Rounding both the same way makes one adapter saved
+    in either format give bit-identical weights, hence the same weight hashes (shared engines
+    and caches). Layers other than Linear LoRA are merged by PEFT itself.
+    """
+    import torch.nn as nn
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for adapter in list(module.active_adapters):
+                exact = (isinstance(module, LoraLinear) and adapter in module.lora_A
+                         and not module.use_dora.get(adapter, False)
+                         and isinstance(module.get_base_layer(), nn.Linear))
+                if not exact:
+                    module.merge(adapter_names=[adapter])
+                    continue
+                a = module.lora_A[adapter].weight.double()
+                b = module.lora_B[adapter].weight.double()
+                delta = (b @ a) * float(module.scaling[adapter])
+                if module.fan_in_fan_out:
+                    delta = delta.T
+                weight = module.get_base_layer().weight
+                weight.copy_((weight.double() + delta).to(weight.dtype))
+    return peft_model.unload()
 
 
 def _check_peft_modules(model, file_sd: Mapping[str, Tensor], name: str) -> None:
@@ -551,7 +584,9 @@ def _add_delta(
         )
     out = weight.detach().clone()
     target = out if rows is None else out[rows[0] : rows[1]]
-    target += delta.to(out.dtype)
+    # one rounding from float64, as the PEFT path does: the same adapter in either format
+    # gives bit-identical weights
+    target.copy_((target.double() + delta).to(out.dtype))
     return out
 
 

@@ -120,7 +120,7 @@ def test_training_resumes_exactly(tmp_path, monkeypatch) -> None:
 def test_peft_directory_and_sam3_lora_pt_merge_to_the_same_weights(tmp_path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from export.build import weights_sha256
+    from export.part_weights import weights_sha256
     from export.lora import LoraOptions, merge_adapters
     from training.lora import META_FILE, META_YAML, PEFT_DIR, lora_targets, write_adapter
 
