@@ -46,6 +46,10 @@ class TensorNames:
     PRED_BOXES = "pred_boxes"  # normalised xyxy
     PRED_LOGITS = "pred_logits"
     PRESENCE_LOGITS = "presence_logits"
+    INPUT_BOXES = "input_boxes"  # exemplar boxes, normalised cxcywh (transformers' input_boxes)
+    INPUT_BOXES_LABELS = "input_boxes_labels"  # 1 positive, 0 negative, -10 padding
+    GEOMETRY_FEATURES = "geometry_features"  # geometry-encoder tokens: K boxes, then CLS
+    GEOMETRY_MASK = "geometry_mask"  # 1 where a geometry token is valid
 
     IMAGE_EMBEDDING = (*FPN, GEOMETRY_CLS)
 

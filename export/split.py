@@ -33,8 +33,13 @@ from export.model_config import fpn_names, kept_fpn_sizes
 
 
 def reference_forward(model: Sam3Model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                      attention_mask: torch.Tensor, input_boxes: torch.Tensor | None = None,
+                      input_boxes_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """transformers' full forward with Meta's semantics (one padding box -> CLS token only).
+
+    ``input_boxes`` [B,K,4] normalised cxcywh and ``input_boxes_labels`` [B,K] (1 positive,
+    0 negative, -10 padding) are transformers' exemplar inputs; without them the prompt gets
+    one padding box, so the geometry encoder still contributes its CLS token as in Meta's model.
 
     The PyTorch reference every exported graph is checked against. N prompts on one image run
     the vision encoder once and share its output (as Meta's processor does): expanding the
@@ -52,8 +57,9 @@ def reference_forward(model: Sam3Model, pixel_values: torch.Tensor, input_ids: t
         vision_embeds=vision,
         input_ids=input_ids.long(),
         attention_mask=attention_mask.long(),
-        input_boxes=torch.zeros(batch, 1, 4, dtype=pixel_values.dtype),
-        input_boxes_labels=torch.full((batch, 1), -10, dtype=torch.long),
+        input_boxes=torch.zeros(batch, 1, 4, dtype=pixel_values.dtype) if input_boxes is None else input_boxes,
+        input_boxes_labels=(torch.full((batch, 1), -10, dtype=torch.long) if input_boxes_labels is None
+                            else input_boxes_labels.long()),
     )
     return {
         T.PRED_MASKS: out.pred_masks,
@@ -141,14 +147,20 @@ class Decoder(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(*fpn_levels, geometry_cls, text_features, text_mask)``, in ``input_names`` order."""
         *levels, geometry_cls, text_features, text_mask = inputs
-        model = self.model
         batch = text_features.shape[0]
-        features = [level.expand(batch, -1, -1, -1) for level in levels]
-        position = self.position.expand(batch, -1, -1, -1)
         prompt = torch.cat([text_features, geometry_cls.expand(batch, -1, -1)], dim=1)
         prompt_mask = torch.cat(
             [text_mask.bool(), torch.ones(batch, 1, dtype=torch.bool, device=text_mask.device)], dim=1
         )
+        return self._decode(levels, prompt, prompt_mask)
+
+    def _decode(self, levels: list[torch.Tensor], prompt: torch.Tensor,
+                prompt_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything after the prompt is assembled: one image (batch 1) against B prompts."""
+        model = self.model
+        batch = prompt.shape[0]
+        features = [level.expand(batch, -1, -1, -1) for level in levels]
+        position = self.position.expand(batch, -1, -1, -1)
 
         encoder = model.detr_encoder(
             vision_features=[features[-1]],
@@ -184,14 +196,133 @@ class Decoder(nn.Module):
         return masks, boxes, logits, presence
 
 
+def roi_pool(features: torch.Tensor, boxes_xyxy: torch.Tensor, size: int) -> torch.Tensor:
+    """``torchvision.ops.roi_align(features, boxes, size)`` (aligned=False, adaptive sampling) as
+    two matrix products, for one image shared by every box.
+
+    TensorRT's ONNX parser has no ``RoiAlign``; this uses MatMul, Ceil, Clamp and comparisons.
+    roi_align's bilinear sample is separable (a tent weight in y times one in x, zero outside
+    [-1, H] / [-1, W], clamped to the border inside), and its bin average is a mean over a
+    grid of ``ceil(roi_h / size) x ceil(roi_w / size)`` samples, so each output bin is
+    ``Wy[i] @ F @ Wx[j]`` with ``Wy`` [size, H] the bin's mean tent weights. The sample grid is
+    data-dependent; it is evaluated at its largest size (a box spanning the feature map) with
+    the samples past the box's own grid masked out. Boxes must lie within the feature map
+    (the runtime clips them to the image), which bounds that size.
+
+    ``features`` [1, C, H, W]; ``boxes_xyxy`` [B, K, 4] in feature pixels -> [B, K, C, size, size].
+    """
+    height, width = features.shape[-2:]
+
+    def weights(start: torch.Tensor, end: torch.Tensor, extent: int) -> torch.Tensor:
+        grid_max = -(-extent // size)  # ceil: the sample grid of a box spanning the map
+        length = (end - start).clamp(min=1.0)  # aligned=False: rois are at least one pixel
+        bin_size = length / size
+        grid = torch.ceil(length / size)  # [B, K]
+        bins = torch.arange(size, dtype=start.dtype, device=start.device)
+        samples = torch.arange(grid_max, dtype=start.dtype, device=start.device)
+        # [B, K, size, grid_max] sample coordinates, as roi_align computes them
+        coords = (start[..., None, None] + bins[:, None] * bin_size[..., None, None]
+                  + (samples + 0.5) * (bin_size / grid)[..., None, None])
+        used = (samples < grid[..., None, None]) & (coords >= -1.0) & (coords <= extent)
+        clamped = coords.clamp(0.0, extent - 1)
+        pixels = torch.arange(extent, dtype=start.dtype, device=start.device)
+        tent = (1.0 - (clamped[..., None] - pixels).abs()).clamp(min=0.0)  # [B, K, size, grid_max, extent]
+        tent = tent * used[..., None].to(tent.dtype)
+        return tent.sum(dim=-2) / grid[..., None, None]  # [B, K, size, extent]
+
+    x0, y0, x1, y1 = boxes_xyxy.unbind(-1)
+    wy = weights(y0, y1, height)
+    wx = weights(x0, x1, width)
+    rows = torch.matmul(wy.unsqueeze(2), features.unsqueeze(0))  # [B, K, C, size, W]
+    return torch.matmul(rows, wx.unsqueeze(2).transpose(-1, -2))  # [B, K, C, size, size]
+
+
+class GeometryEncoder(nn.Module):
+    """Exemplar boxes + the cached 1x image level -> geometry prompt tokens (boxes, then CLS).
+
+    ``Sam3GeometryEncoder.forward`` for B prompts of K boxes each on one image: inputs are
+    transformers' (normalised cxcywh boxes; labels 1 positive, 0 negative, -10 padding), the
+    ROI pooling is :func:`roi_pool`. Meta puts CLS right after the valid boxes and this graph
+    puts it last, after the padding: no layer that reads the prompt (geometry self-attention,
+    DETR encoder/decoder cross-attention, scoring's masked mean, mask-decoder cross-attention)
+    has a position encoding on prompt tokens, so the order of masked tokens changes nothing.
+    """
+
+    output_names = (T.GEOMETRY_FEATURES, T.GEOMETRY_MASK)
+
+    def __init__(self, model: Sam3Model) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = (fpn_names(model.config)[-1], T.INPUT_BOXES, T.INPUT_BOXES_LABELS)
+        self.register_buffer("position", _level_position_encoding(model), persistent=False)
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        geometry = self.model.geometry_encoder
+        batch, count = boxes.shape[:2]
+        hidden = geometry.hidden_size
+        height, width = features.shape[-2:]
+        valid = labels != -10
+        normalised = geometry.vision_layer_norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+        embed = geometry.boxes_direct_project(boxes)
+        scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+        pooled = roi_pool(normalised, box_cxcywh_to_xyxy(boxes) * scale, geometry.roi_size)
+        pooled = geometry.boxes_pool_project(pooled.reshape(batch * count, hidden, geometry.roi_size,
+                                                            geometry.roi_size))
+        embed = embed + pooled.view(batch, count, hidden)
+        cx, cy, w, h = boxes.reshape(batch * count, 4).unbind(-1)
+        coordinates = geometry._encode_box_coordinates(cx, cy, w, h).view(batch, count, -1)
+        embed = embed + geometry.boxes_pos_enc_project(coordinates)
+        embed = embed + geometry.label_embed(torch.where(valid, labels, 0).long())
+
+        cls = geometry.cls_embed.weight.view(1, 1, hidden).expand(batch, -1, -1)
+        tokens = geometry.prompt_layer_norm(geometry.final_proj(torch.cat([embed, cls], dim=1)))
+        mask = torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool, device=valid.device)], dim=1)
+        # Additive key mask, as transformers' eager/sdpa attention receives it.
+        attention = torch.zeros(batch, 1, 1, count + 1, dtype=tokens.dtype, device=tokens.device)
+        attention = attention.masked_fill(~mask[:, None, None, :], torch.finfo(tokens.dtype).min)
+        vision = features.flatten(2).transpose(1, 2).expand(batch, -1, -1)
+        position = self.position.flatten(2).transpose(1, 2).expand(batch, -1, -1)
+        for layer in geometry.layers:
+            tokens = layer(prompt_feats=tokens, vision_feats=vision, vision_pos_encoding=position,
+                           prompt_mask=attention)
+        return geometry.output_layer_norm(tokens), mask.to(torch.int32)
+
+
+class ExemplarDecoder(Decoder):
+    """:class:`Decoder` with a prompt of text tokens then geometry tokens (boxes + CLS) and their masks.
+
+    Text-only requests keep using :class:`Decoder` and its cached CLS token.
+    """
+
+    def __init__(self, model: Sam3Model) -> None:
+        super().__init__(model)
+        self.input_names = (*fpn_names(model.config), T.TEXT_FEATURES, T.TEXT_MASK,
+                            T.GEOMETRY_FEATURES, T.GEOMETRY_MASK)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(*fpn_levels, text_features, text_mask, geometry_features, geometry_mask)``."""
+        *levels, text_features, text_mask, geometry_features, geometry_mask = inputs
+        prompt = torch.cat([text_features, geometry_features], dim=1)
+        prompt_mask = torch.cat([text_mask.bool(), geometry_mask.bool()], dim=1)
+        return self._decode(levels, prompt, prompt_mask)
+
+
 PART_WRAPPERS: dict[str, type[nn.Module]] = {
     "image_encoder": ImageEncoder,
     "text_encoder": TextEncoder,
     "decoder": Decoder,
 }
+# Graphs for exemplar (box) prompts; a bundle may lack them and still serves text.
+EXEMPLAR_WRAPPERS: dict[str, type[nn.Module]] = {
+    "geometry_encoder": GeometryEncoder,
+    "exemplar_decoder": ExemplarDecoder,
+}
 
 
-def split_model(model: Sam3Model) -> dict[str, nn.Module]:
-    """The three graphs, sharing the model's weights (no copies)."""
+def split_model(model: Sam3Model, exemplars: bool = False) -> dict[str, nn.Module]:
+    """The three graphs (five with ``exemplars``), sharing the model's weights (no copies)."""
     model.eval()
-    return {name: wrapper(model).eval() for name, wrapper in PART_WRAPPERS.items()}
+    wrappers = {**PART_WRAPPERS, **(EXEMPLAR_WRAPPERS if exemplars else {})}
+    return {name: wrapper(model).eval() for name, wrapper in wrappers.items()}

@@ -307,12 +307,15 @@ def parameters_on_meta() -> Iterator[None]:
 # Reference forward
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def meta_forward(model, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def meta_forward(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                 boxes: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Meta's image->text-prompt path exactly as ``Sam3Processor.set_image/set_text_prompt`` runs it.
 
     ``pixel_values`` is already normalised ([-1, 1], mean/std 0.5); ``input_ids`` [B, 32] padded
     with 0 (Meta masks with ``tokens != 0``). The geometric prompt is Meta's dummy (zero boxes),
-    which still yields one geometry-encoder CLS token. Returns pred_logits [B,Q],
+    which still yields one geometry-encoder CLS token; ``boxes`` [N,4] (normalised cxcywh) with
+    ``labels`` [N] (True positive) are appended to it as ``Sam3Processor.add_geometric_prompt``
+    does, one call per box (a box-only prompt's text is "visual" there). Returns pred_logits [B,Q],
     pred_boxes [B,Q,4] (cxcywh), pred_masks [B,Q,H,W], presence [B,1].
     """
     from sam3.model.data_misc import FindStage
@@ -329,9 +332,11 @@ def meta_forward(model, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> 
             input_boxes_mask=None, input_boxes_label=None, input_points=None,
             input_points_mask=None,
         )
+        prompt = model._get_dummy_prompt()
+        for box, label in zip(boxes if boxes is not None else [], labels if labels is not None else []):
+            prompt.append_boxes(box.view(1, 1, 4).float(), label.view(1, 1).bool())
         out = model.forward_grounding(
-            backbone_out=backbone_out, find_input=find, find_target=None,
-            geometric_prompt=model._get_dummy_prompt(),
+            backbone_out=backbone_out, find_input=find, find_target=None, geometric_prompt=prompt,
         )
     return {
         "pred_logits": out["pred_logits"].squeeze(-1),
