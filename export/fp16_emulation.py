@@ -3,7 +3,8 @@ TensorRT FP16 engine stores its tensors, for measuring the *accuracy* cost of FP
 
 What an FP16 engine does, and how each graph is rewritten to do the same under ONNX Runtime:
 
-- weights are stored in FP16: every float initializer (and Constant) is rounded to the
+- weights are stored in FP16: every float initializer (and Constant) is clamped to FP16's range
+  (as TensorRT does with out-of-range weights, e.g. -3.4e38 mask fills) and rounded to the
   nearest float16 value (kept as float32 numbers, so every CPU kernel runs);
 - every layer's output tensor is FP16: each float output of a node is passed through
   ``Cast(float16) -> Cast(float32)``, so it carries exactly FP16's precision and range
@@ -40,6 +41,13 @@ METHOD = ("fp16 emulation: float initializers rounded to float16; every float no
           "Cast(float16)->Cast(float32) except normalisation/softmax/reduce ops and the manifest's fp32_layers")
 
 
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _to_fp16_values(array: np.ndarray) -> np.ndarray:
+    return np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+
+
 def emulate_graph(source: Path, target: Path, fp32_layers: set[str]) -> dict[str, int]:
     """Rewrite one ONNX graph; returns counts of what was rounded."""
     import onnx
@@ -54,7 +62,7 @@ def emulate_graph(source: Path, target: Path, fp32_layers: set[str]) -> dict[str
     for init in graph.initializer:
         if init.data_type == TensorProto.FLOAT:
             array = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array(array.astype(np.float16).astype(np.float32), init.name))
+            init.CopyFrom(numpy_helper.from_array(_to_fp16_values(array), init.name))
             rounded_weights += 1
     new_nodes = []
     rounded_outputs = 0
@@ -63,7 +71,7 @@ def emulate_graph(source: Path, target: Path, fp32_layers: set[str]) -> dict[str
             for attr in node.attribute:
                 if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
                     array = numpy_helper.to_array(attr.t)
-                    attr.t.CopyFrom(numpy_helper.from_array(array.astype(np.float16).astype(np.float32), attr.t.name))
+                    attr.t.CopyFrom(numpy_helper.from_array(_to_fp16_values(array), attr.t.name))
             new_nodes.append(node)
             continue
         pinned = node.op_type in PINNED_OP_TYPES or node.name in fp32_layers
