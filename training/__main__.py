@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora = sub.add_parser("lora", help="train a LoRA adapter that teaches the held-out shape 'star'")
     lora.add_argument("--base", default="models/shapes")
     lora.add_argument("--out", default="models/shapes-star-lora")
-    lora.add_argument("--steps", type=int, default=800)
+    lora.add_argument("--steps", type=int, default=600)
     lora.add_argument("--rank", type=int, default=8)
     lora.add_argument("--alpha", type=float, default=16.0)
     lora.add_argument("--lr", type=float, default=1e-3)
