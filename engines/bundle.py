@@ -30,6 +30,8 @@ ENGINES_DIR = "engines"
 BATCH = "batch"  # the one symbolic dimension a graph may have
 
 PART_NAMES = ("image_encoder", "text_encoder", "decoder")
+# Optional graphs for exemplar (box) prompts; a bundle without them serves text prompts only.
+EXEMPLAR_PART_NAMES = ("geometry_encoder", "exemplar_decoder")
 
 
 class TensorNames:
@@ -195,6 +197,18 @@ class Manifest:
             return self.parts[name]
         except KeyError:
             raise BundleError(f"manifest has no part {name!r} (has {sorted(self.parts)})") from None
+
+    @property
+    def max_boxes(self) -> int:
+        """Exemplar boxes per prompt this bundle takes (the geometry graph's box axis); 0: text only."""
+        if not all(name in self.parts for name in EXEMPLAR_PART_NAMES):
+            return 0
+        return int(self.parts["geometry_encoder"].input(TensorNames.INPUT_BOXES).shape[1])
+
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        """What a client may ask of this bundle: text prompts always, exemplar boxes with the graphs."""
+        return {"text_prompts": True, "exemplar_boxes": self.max_boxes > 0, "max_boxes": self.max_boxes}
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -34,19 +34,23 @@ def _progress_bar(total: int):
 
 
 def _build(model, out: Path, name: str, source, *, fp16_check: bool, decoder_max_batch: int | None,
-           max_cases: int | None = None, fp16_error_run: bool = True, card: dict | None = None) -> int:
-    from export.build import BuildOptions, build_bundle
+           max_cases: int | None = None, fp16_error_run: bool = True, card: dict | None = None,
+           max_boxes: int | None = None) -> int:
+    from export.build import DEFAULT_MAX_BOXES, BuildOptions, build_bundle
 
     bar, step = _progress_bar(total=8)
     try:
         manifest = build_bundle(model, out, BuildOptions(
             name=name, source=source, progress=step, fp16_check=fp16_check,
             decoder_max_batch=decoder_max_batch, max_cases=max_cases, fp16_error_run=fp16_error_run,
-            card=card or {}))
+            card=card or {}, max_boxes=DEFAULT_MAX_BOXES if max_boxes is None else max_boxes))
     finally:
         bar.close()
     print(f"wrote {out} ({name}): parity {_parity_line(manifest.parity['summary'])}; "
           f"TensorRT op audit: {'all supported' if manifest.op_audit['all_supported'] else 'UNSUPPORTED ops'}")
+    if "exemplars" in manifest.parity:
+        print(f"exemplar prompts (up to {manifest.max_boxes} boxes): parity "
+              f"{_parity_line(manifest.parity['exemplars']['summary'])}")
     for note in manifest.export.get("config_notes", []):
         print(f"note: {note}")
     return 0
@@ -79,7 +83,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     name = args.name or card.get("name") or Path(args.checkpoint).stem
     return _build(model, Path(args.out), name, source, fp16_check=not args.skip_fp16_check,
                   decoder_max_batch=args.decoder_max_batch, max_cases=args.verify_cases,
-                  fp16_error_run=not args.skip_fp16_error_run, card=card)
+                  fp16_error_run=not args.skip_fp16_error_run, card=card,
+                  max_boxes=getattr(args, "max_boxes", None))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -102,7 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             name=f"sam3-{args.preset}-random-weights", skip_fp16_check=args.skip_fp16_check,
             skip_fp16_error_run=args.skip_fp16_error_run,
             decoder_max_batch=args.decoder_max_batch, verify_cases=args.verify_cases,
-            card={"name": f"sam3-{args.preset}-random-weights", "random_weights": True,
+            max_boxes=args.max_boxes, card={"name": f"sam3-{args.preset}-random-weights", "random_weights": True,
                   "description": "Random weights (seeded): the real architecture for performance work; "
                                  "its masks are meaningless."})
         code = cmd_build(build_args)
@@ -198,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--lora-config", default=None, help="training YAML holding LoRA rank/alpha")
     build.add_argument("--decoder-max-batch", type=int, default=None,
                        help="max prompts per text-encoder/decoder call (default: 8, or 2 for 288x288-mask models)")
+    build.add_argument("--max-boxes", type=int, default=None,
+                       help="exemplar boxes per prompt the box-prompt graphs take (default 16; 0: text prompts only)")
     _add_verify_flags(build)
     build.set_defaults(func=cmd_build)
 
@@ -206,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="demo", help="model shape from export/configs (demo, tiny, sam3_small, full)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--decoder-max-batch", type=int, default=None)
+    demo.add_argument("--max-boxes", type=int, default=None, help="as for build (0: text prompts only)")
     _add_verify_flags(demo)
     demo.set_defaults(func=cmd_demo)
 

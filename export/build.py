@@ -51,6 +51,9 @@ DEFAULT_DECODER_MAX_BATCH = 8
 # engines, so large-mask models default to 2 prompts per call; the pipeline chunks the rest.
 LARGE_MASK_PIXELS = 144 * 144
 LARGE_MASK_DECODER_MAX_BATCH = 2
+# Boxes per exemplar prompt the graphs take (padded). The runtime refuses more; 16 is far more
+# than a user draws, and the geometry encoder's cost grows with it only slightly (K+1 tokens).
+DEFAULT_MAX_BOXES = 16
 
 
 def default_decoder_max_batch(config) -> int:
@@ -75,6 +78,9 @@ class BuildOptions:
     max_cases: int | None = None  # end-to-end cases to verify (None: all sample photos)
     progress: Callable[[str], None] = lambda stage: None
     card: dict[str, Any] = field(default_factory=dict)  # model card for the manifest (see model_card.py)
+    # Exemplar (box) prompts: the geometry-encoder and exemplar-decoder graphs take this many
+    # boxes per prompt (padded); 0 leaves them out and the bundle serves text prompts only.
+    max_boxes: int = DEFAULT_MAX_BOXES
 
 
 def model_info(model) -> ModelInfo:
@@ -112,9 +118,9 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
         tokenizer_info = TokenizerInfo(**write_tokenizer_json(staging / "tokenizer.json"))
         preprocessing = Preprocessing(image_size=int(model.config.vision_config.image_size))
 
-        parts = split_model(model)
+        parts = split_model(model, exemplars=options.max_boxes > 0)
         paths = {name: staging / f"{name}.onnx" for name in parts}
-        examples = {name: onnx_export.example_inputs(name, model) for name in parts}
+        examples = {name: onnx_export.example_inputs(name, model, max_boxes=options.max_boxes) for name in parts}
         for name, module in parts.items():
             options.progress(f"export {name}")
             started = time.perf_counter()
@@ -129,15 +135,23 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
             photos = dict(list(photos.items())[: max(1, options.max_cases)])
         cases = verify.build_cases(photos, lambda px: to_pixel_values(px, preprocessing),
                                    tokenizer.encode, options.prompts)
-        part_inputs = _verification_inputs(parts, cases)
+        exemplar_cases = (verify.build_exemplar_cases(cases[0].pixel_values, tokenizer.encode, options.max_boxes)
+                          if options.max_boxes > 0 else [])
+        part_inputs = _verification_inputs(parts, cases, exemplar_cases)
         # One session per graph for both checks: at full size each holds ~2 GB of weights.
         sessions = {name: verify.ort_session(path) for name, path in paths.items()}
         parity_parts = verify.part_parity(parts, sessions, part_inputs)
         e2e = verify.end_to_end_parity(model, sessions, cases)
+        exemplar_e2e = verify.exemplar_parity(model, sessions, exemplar_cases) if exemplar_cases else {}
         del sessions
         summary = verify.summarize(e2e)
         timings["verify_s"] = round(time.perf_counter() - started, 2)
         verify.check_bounds(summary, options.bounds)
+        parity: dict[str, Any] = {"bounds": vars(options.bounds), "summary": summary, "parts": parity_parts,
+                                  "end_to_end": e2e}
+        if exemplar_e2e:
+            parity["exemplars"] = {"summary": verify.summarize(exemplar_e2e), "end_to_end": exemplar_e2e}
+            verify.check_bounds(parity["exemplars"]["summary"], options.bounds)
 
         options.progress("op audit")
         audit = verify.op_audit(paths)
@@ -146,7 +160,8 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
             options.progress("fp16 range")
             started = time.perf_counter()
             # one half-precision copy of the whole model serves all three parts
-            half_parts = split_model(copy.deepcopy(model).half()) if options.fp16_error_run else None
+            half_parts = (split_model(copy.deepcopy(model).half(), exemplars=options.max_boxes > 0)
+                          if options.fp16_error_run else None)
             fp16 = verify.fp16_range(parts, paths, part_inputs, half_parts)
             del half_parts
             timings["fp16_check_s"] = round(time.perf_counter() - started, 2)
@@ -165,7 +180,7 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
                 outputs=outputs,
                 fp32_layers=tuple(pinned.get(name, ())),
                 external_data=onnx_export.external_data_files(paths[name]),
-                # prompts are batched through the text encoder and the decoder alike
+                # prompts are batched through the text encoder and the decoders alike
                 max_batch=1 if name == "image_encoder" else decoder_max_batch,
             )
             onnx_export.check_contract(spec, fpn_names(model.config))
@@ -178,7 +193,7 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
             tokenizer=tokenizer_info,
             parts=specs,
             source=options.source,
-            parity={"bounds": vars(options.bounds), "summary": summary, "parts": parity_parts, "end_to_end": e2e},
+            parity=parity,
             fp16_range=fp16,
             op_audit=audit,
             export=_export_info(timings, config_notes),
@@ -193,17 +208,33 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
         raise
 
 
-def _verification_inputs(parts: dict[str, nn.Module], cases: Sequence[verify.PromptCase]) -> dict[str, tuple]:
-    """Per-part inputs from the first real photo (decoder fed the real encoder outputs)."""
+def _verification_inputs(parts: dict[str, nn.Module], cases: Sequence[verify.PromptCase],
+                         exemplar_cases: Sequence[verify.ExemplarCase] = ()) -> dict[str, tuple]:
+    """Per-part inputs from the first real photo (decoders fed the real encoder outputs)."""
     case = max(cases, key=lambda c: c.input_ids.shape[0])
     with torch.no_grad():
         image = parts["image_encoder"](case.pixel_values)
         text = parts["text_encoder"](case.input_ids, case.attention_mask)
-    return {
+    inputs = {
         "image_encoder": (case.pixel_values,),
         "text_encoder": (case.input_ids, case.attention_mask),
         "decoder": (*image, text, case.attention_mask),
     }
+    if exemplar_cases and "geometry_encoder" in parts:
+        # two prompts in one batch (three boxes without text; a negative box with text): at full
+        # size one prompt costs ~1 GB of decoder activations
+        picked = [exemplar_cases[1], exemplar_cases[-1]]
+        ids = torch.cat([c.input_ids for c in picked])
+        mask = torch.cat([c.attention_mask for c in picked])
+        boxes = torch.cat([c.boxes for c in picked])
+        labels = torch.cat([c.labels for c in picked])
+        with torch.no_grad():
+            *levels, _cls = parts["image_encoder"](exemplar_cases[0].pixel_values)
+            text = parts["text_encoder"](ids, mask)
+            geometry = parts["geometry_encoder"](levels[-1], boxes, labels)
+        inputs["geometry_encoder"] = (levels[-1], boxes, labels)
+        inputs["exemplar_decoder"] = (*levels, text, mask, *geometry)
+    return inputs
 
 
 def _export_info(timings: dict[str, float], config_notes: Sequence[str] = ()) -> dict[str, Any]:

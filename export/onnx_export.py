@@ -41,8 +41,11 @@ class PartInputs:
     varargs: bool = False
 
 
-def example_inputs(part: str, model, *, seed: int = 0) -> PartInputs:
-    """Deterministic example inputs for one part, shaped from the model config."""
+def example_inputs(part: str, model, *, seed: int = 0, max_boxes: int = 16) -> PartInputs:
+    """Deterministic example inputs for one part, shaped from the model config.
+
+    ``max_boxes``: the exemplar graphs' fixed box count K (fewer boxes are padding, label -10).
+    """
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     size = config.vision_config.image_size
@@ -63,6 +66,25 @@ def example_inputs(part: str, model, *, seed: int = 0) -> PartInputs:
         mask = torch.ones(b, context, dtype=torch.int32)
         mask[0, 5:] = 0
         return PartInputs((*levels, cls, text, mask), (False,) * (len(levels) + 1) + (True, True), varargs=True)
+    if part == "geometry_encoder":
+        height, width = kept_fpn_sizes(config)[-1]
+        level = torch.randn(1, hidden, height, width, generator=generator)
+        centre = 0.25 + 0.5 * torch.rand(b, max_boxes, 2, generator=generator)
+        boxes = torch.cat([centre, 0.4 * torch.rand(b, max_boxes, 2, generator=generator) + 0.05], dim=-1)
+        labels = torch.ones(b, max_boxes, dtype=torch.int32)
+        labels[0, 1:] = -10
+        labels[1, -1] = 0
+        return PartInputs((level, boxes, labels), (False, True, True))
+    if part == "exemplar_decoder":
+        levels = tuple(torch.randn(1, hidden, h, w, generator=generator) for h, w in kept_fpn_sizes(config))
+        text = torch.randn(b, context, hidden, generator=generator)
+        mask = torch.ones(b, context, dtype=torch.int32)
+        mask[0, 5:] = 0
+        geometry = torch.randn(b, max_boxes + 1, hidden, generator=generator)
+        geometry_mask = torch.ones(b, max_boxes + 1, dtype=torch.int32)
+        geometry_mask[0, 1:-1] = 0
+        return PartInputs((*levels, text, mask, geometry, geometry_mask),
+                          (False,) * len(levels) + (True,) * 4, varargs=True)
     raise ValueError(f"unknown part {part!r}")
 
 
@@ -138,6 +160,9 @@ def check_contract(part: PartSpec, fpn: tuple[str, ...] = T.FPN) -> None:
         "text_encoder": ((T.INPUT_IDS, T.ATTENTION_MASK), (T.TEXT_FEATURES,)),
         "decoder": ((*fpn, T.GEOMETRY_CLS, T.TEXT_FEATURES, T.TEXT_MASK),
                     (T.PRED_MASKS, T.PRED_BOXES, T.PRED_LOGITS, T.PRESENCE_LOGITS)),
+        "geometry_encoder": ((fpn[-1], T.INPUT_BOXES, T.INPUT_BOXES_LABELS), (T.GEOMETRY_FEATURES, T.GEOMETRY_MASK)),
+        "exemplar_decoder": ((*fpn, T.TEXT_FEATURES, T.TEXT_MASK, T.GEOMETRY_FEATURES, T.GEOMETRY_MASK),
+                             (T.PRED_MASKS, T.PRED_BOXES, T.PRED_LOGITS, T.PRESENCE_LOGITS)),
     }[part.name]
     if (part.input_names, part.output_names) != expected:
         raise RuntimeError(f"{part.name}: exported I/O {part.input_names} -> {part.output_names}, expected {expected}")

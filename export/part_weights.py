@@ -33,10 +33,12 @@ def part_modules(model: nn.Module, part: str) -> dict[str, nn.Module]:
         return {"vision_encoder": model.vision_encoder, "geometry_encoder": model.geometry_encoder}
     if part == "text_encoder":
         return {"text_encoder": model.text_encoder, "text_projection": model.text_projection}
-    if part == "decoder":
+    if part in ("decoder", "exemplar_decoder"):
         # The geometry encoder belongs to the image encoder: its box-free CLS token is computed there.
         return {name: getattr(model, name) for name in
                 ("detr_encoder", "detr_decoder", "mask_decoder", "dot_product_scoring")}
+    if part == "geometry_encoder":  # the exemplar graph: boxes -> geometry tokens
+        return {"geometry_encoder": model.geometry_encoder}
     raise ValueError(f"unknown part {part!r}")
 
 

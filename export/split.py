@@ -148,19 +148,22 @@ class Decoder(nn.Module):
         """``(*fpn_levels, geometry_cls, text_features, text_mask)``, in ``input_names`` order."""
         *levels, geometry_cls, text_features, text_mask = inputs
         batch = text_features.shape[0]
+        features = [level.expand(batch, -1, -1, -1) for level in levels]
+        position = self.position.expand(batch, -1, -1, -1)
         prompt = torch.cat([text_features, geometry_cls.expand(batch, -1, -1)], dim=1)
         prompt_mask = torch.cat(
             [text_mask.bool(), torch.ones(batch, 1, dtype=torch.bool, device=text_mask.device)], dim=1
         )
-        return self._decode(levels, prompt, prompt_mask)
+        return self._decode(features, position, prompt, prompt_mask)
 
-    def _decode(self, levels: list[torch.Tensor], prompt: torch.Tensor,
+    def _decode(self, features: list[torch.Tensor], position: torch.Tensor, prompt: torch.Tensor,
                 prompt_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Everything after the prompt is assembled: one image (batch 1) against B prompts."""
+        """Everything after the prompt is assembled (image tensors already expanded to B prompts).
+
+        The text-only graph traces the same ops in the same order as before this method was
+        split out, so its exported decoder is unchanged.
+        """
         model = self.model
-        batch = prompt.shape[0]
-        features = [level.expand(batch, -1, -1, -1) for level in levels]
-        position = self.position.expand(batch, -1, -1, -1)
 
         encoder = model.detr_encoder(
             vision_features=[features[-1]],
@@ -211,7 +214,7 @@ def roi_pool(features: torch.Tensor, boxes_xyxy: torch.Tensor, size: int) -> tor
 
     ``features`` [1, C, H, W]; ``boxes_xyxy`` [B, K, 4] in feature pixels -> [B, K, C, size, size].
     """
-    height, width = features.shape[-2:]
+    height, width = int(features.shape[-2]), int(features.shape[-1])  # static: constants in the graph
 
     def weights(start: torch.Tensor, end: torch.Tensor, extent: int) -> torch.Tensor:
         grid_max = -(-extent // size)  # ceil: the sample grid of a box spanning the map
@@ -223,8 +226,8 @@ def roi_pool(features: torch.Tensor, boxes_xyxy: torch.Tensor, size: int) -> tor
         # [B, K, size, grid_max] sample coordinates, as roi_align computes them
         coords = (start[..., None, None] + bins[:, None] * bin_size[..., None, None]
                   + (samples + 0.5) * (bin_size / grid)[..., None, None])
-        used = (samples < grid[..., None, None]) & (coords >= -1.0) & (coords <= extent)
-        clamped = coords.clamp(0.0, extent - 1)
+        used = (samples < grid[..., None, None]) & (coords >= -1.0) & (coords <= float(extent))
+        clamped = coords.clamp(0.0, float(extent - 1))
         pixels = torch.arange(extent, dtype=start.dtype, device=start.device)
         tent = (1.0 - (clamped[..., None] - pixels).abs()).clamp(min=0.0)  # [B, K, size, grid_max, extent]
         tent = tent * used[..., None].to(tent.dtype)
@@ -261,7 +264,7 @@ class GeometryEncoder(nn.Module):
         geometry = self.model.geometry_encoder
         batch, count = boxes.shape[:2]
         hidden = geometry.hidden_size
-        height, width = features.shape[-2:]
+        height, width = int(features.shape[-2]), int(features.shape[-1])
         valid = labels != -10
         normalised = geometry.vision_layer_norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
@@ -304,9 +307,12 @@ class ExemplarDecoder(Decoder):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(*fpn_levels, text_features, text_mask, geometry_features, geometry_mask)``."""
         *levels, text_features, text_mask, geometry_features, geometry_mask = inputs
+        batch = text_features.shape[0]
+        features = [level.expand(batch, -1, -1, -1) for level in levels]
+        position = self.position.expand(batch, -1, -1, -1)
         prompt = torch.cat([text_features, geometry_features], dim=1)
         prompt_mask = torch.cat([text_mask.bool(), geometry_mask.bool()], dim=1)
-        return self._decode(levels, prompt, prompt_mask)
+        return self._decode(features, position, prompt, prompt_mask)
 
 
 PART_WRAPPERS: dict[str, type[nn.Module]] = {

@@ -130,6 +130,86 @@ def end_to_end_parity(model, sessions: dict[str, ort.InferenceSession],
     return report
 
 
+@dataclass(frozen=True)
+class ExemplarCase:
+    """One exemplar case: an image, one prompt's text (or "visual") and its boxes, padded to K."""
+
+    name: str
+    pixel_values: torch.Tensor  # [1, 3, S, S]
+    input_ids: torch.Tensor  # [1, L] int32
+    attention_mask: torch.Tensor  # [1, L] int32
+    boxes: torch.Tensor  # [1, K, 4] normalised cxcywh, valid boxes first
+    labels: torch.Tensor  # [1, K] int32: 1 positive, 0 negative, -10 padding
+
+    @property
+    def count(self) -> int:
+        return int((self.labels != -10).sum())
+
+
+# name -> (boxes (normalised cxcywh), labels, text or None): None is a box-only prompt, whose
+# text both references set to "visual" (Meta's add_geometric_prompt, transformers' processor).
+EXEMPLAR_PROMPTS: dict[str, tuple[list[list[float]], list[int], str | None]] = {
+    "one_positive": ([[0.5, 0.45, 0.3, 0.4]], [1], None),
+    "three_positive": ([[0.3, 0.3, 0.2, 0.25], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 1.0, 1.0]], [1, 1, 1], None),
+    "positive_and_negative": ([[0.35, 0.4, 0.25, 0.3], [0.7, 0.7, 0.2, 0.2]], [1, 0], None),
+    "positive_with_text": ([[0.4, 0.6, 0.5, 0.3]], [1], "a photo of a cat"),
+    "negative_with_text": ([[0.2, 0.8, 0.1, 0.2]], [0], "a photo of a cat"),
+}
+
+
+def build_exemplar_cases(pixel_values: torch.Tensor,
+                         encode: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]],
+                         max_boxes: int) -> list[ExemplarCase]:
+    cases = []
+    for name, (boxes, labels, text) in EXEMPLAR_PROMPTS.items():
+        ids, mask = encode([text if text is not None else "visual"])
+        padded = torch.zeros(1, max_boxes, 4)
+        padded[0, : len(boxes)] = torch.tensor(boxes)
+        padded_labels = torch.full((1, max_boxes), -10, dtype=torch.int32)
+        padded_labels[0, : len(labels)] = torch.tensor(labels, dtype=torch.int32)
+        cases.append(ExemplarCase(name, pixel_values, torch.from_numpy(ids), torch.from_numpy(mask),
+                                  padded, padded_labels))
+    return cases
+
+
+def run_exemplar_chain(sessions: dict[str, ort.InferenceSession], case: ExemplarCase) -> dict[str, np.ndarray]:
+    """The runtime's exemplar data flow: image -> text -> geometry encoder -> exemplar decoder."""
+    image_session = sessions["image_encoder"]
+    image = image_session.run(None, {T.PIXEL_VALUES: case.pixel_values.numpy()})
+    image_tensors = {output.name: value for output, value in zip(image_session.get_outputs(), image)}
+    ids, mask = case.input_ids.numpy(), case.attention_mask.numpy()
+    (text,) = sessions["text_encoder"].run(None, {T.INPUT_IDS: ids, T.ATTENTION_MASK: mask})
+    geometry_session = sessions["geometry_encoder"]
+    geometry_inputs = [i.name for i in geometry_session.get_inputs()]
+    geometry, geometry_mask = geometry_session.run(None, {
+        geometry_inputs[0]: image_tensors[geometry_inputs[0]],
+        T.INPUT_BOXES: case.boxes.numpy(), T.INPUT_BOXES_LABELS: case.labels.numpy()})
+    levels = {k: v for k, v in image_tensors.items() if k != T.GEOMETRY_CLS}
+    outputs = sessions["exemplar_decoder"].run(None, {
+        **levels, T.TEXT_FEATURES: text, T.TEXT_MASK: mask,
+        T.GEOMETRY_FEATURES: geometry, T.GEOMETRY_MASK: geometry_mask})
+    return dict(zip((T.PRED_MASKS, T.PRED_BOXES, T.PRED_LOGITS, T.PRESENCE_LOGITS), outputs))
+
+
+def exemplar_parity(model, sessions: dict[str, ort.InferenceSession],
+                    cases: Iterable[ExemplarCase]) -> dict[str, dict]:
+    """ORT exemplar chain vs transformers' forward with ``input_boxes``/``input_boxes_labels``."""
+    report = {}
+    for case in cases:
+        got = run_exemplar_chain(sessions, case)
+        n = case.count  # transformers is given only the valid boxes
+        with torch.no_grad():
+            ref = {k: v.numpy() for k, v in reference_forward(
+                model, case.pixel_values, case.input_ids, case.attention_mask,
+                case.boxes[:, :n], case.labels[:, :n]).items()}
+        entry = {name: max_errors(got[name], ref[name]) for name in ref}
+        entry["mask_iou"] = mask_iou(got[T.PRED_MASKS], ref[T.PRED_MASKS])
+        entry["same_top_query"] = bool(
+            np.array_equal(got[T.PRED_LOGITS].argmax(-1), ref[T.PRED_LOGITS].argmax(-1)))
+        report[case.name] = entry
+    return report
+
+
 def summarize(e2e: dict[str, dict]) -> dict[str, float | bool]:
     """The worst case over all end-to-end cases: the figures a reader looks at first."""
     worst = lambda key: max(c[key]["max_abs"] for c in e2e.values())  # noqa: E731

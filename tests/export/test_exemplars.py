@@ -153,3 +153,49 @@ def test_exemplar_graphs_equal_metas_model(meta_pair, case: str) -> None:
     assert logits_err <= 1e-3 and presence_err <= 1e-3 and boxes_err <= 1e-3, (logits_err, presence_err, boxes_err)
     assert iou >= 0.99, iou
     assert int(np.argmax(got[T.PRED_LOGITS].numpy())) == int(np.argmax(ref["pred_logits"].numpy()))
+
+
+def test_bundle_declares_and_verifies_exemplar_graphs(tiny_bundle) -> None:
+    """`python -m export build` writes the two exemplar graphs, their parity (every case within
+    the build's bounds), a clean TensorRT op audit and their FP16 range; the manifest says so."""
+    from engines.bundle import EXEMPLAR_PART_NAMES, Bundle
+    from export.verify import EXEMPLAR_PROMPTS
+
+    manifest = Bundle(tiny_bundle).manifest
+    assert manifest.max_boxes == 16
+    assert manifest.capabilities == {"text_prompts": True, "exemplar_boxes": True, "max_boxes": 16}
+    exemplars = manifest.parity["exemplars"]
+    assert set(exemplars["end_to_end"]) == set(EXEMPLAR_PROMPTS)
+    summary = exemplars["summary"]
+    assert summary["logits_max_abs"] <= 1e-3 and summary["presence_max_abs"] <= 1e-3, summary
+    assert summary["mask_iou_min"] >= 0.99 and summary["same_top_query"], summary
+    for name in EXEMPLAR_PART_NAMES:
+        assert manifest.op_audit["parts"][name]["unsupported"] == []
+        assert "RoiAlign" not in manifest.op_audit["parts"][name]["ops"]
+        assert name in manifest.fp16_range["parts"]
+        assert manifest.part(name).max_batch == manifest.part("decoder").max_batch
+    assert manifest.op_audit["all_supported"]
+    assert manifest.part("geometry_encoder").input(T.INPUT_BOXES).shape == ("batch", 16, 4)
+
+
+def test_bundle_without_exemplar_graphs_loads_and_serves_text(tiny_bundle, tmp_path) -> None:
+    """A bundle written before exemplar prompts (no geometry graphs) still loads and segments text."""
+    import json
+    import shutil
+
+    from engines.bundle import EXEMPLAR_PART_NAMES, MANIFEST_FILE, Bundle
+    from engines.pipeline import Sam3Pipeline
+
+    old = tmp_path / "text-only"
+    shutil.copytree(tiny_bundle, old, ignore=shutil.ignore_patterns("engines"))
+    data = json.loads((old / MANIFEST_FILE).read_text())
+    for name in EXEMPLAR_PART_NAMES:
+        (old / data["parts"].pop(name)["file"]).unlink()
+    data["parity"].pop("exemplars")
+    (old / MANIFEST_FILE).write_text(json.dumps(data))
+    manifest = Bundle(old).manifest
+    assert manifest.max_boxes == 0 and manifest.capabilities["exemplar_boxes"] is False
+    image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    with Sam3Pipeline.from_bundle(old, backend="onnxruntime") as pipe:
+        result = pipe.segment(image, ["a cat"], score_threshold=0.0)
+    assert len(result.results) == 1

@@ -19,7 +19,8 @@ from engines.bundle import Bundle, TensorNames as T
 from engines.preprocess import to_pixel_values
 from engines.tokenizer import PromptTokenizer
 from export.__main__ import main
-from export.verify import PromptCase, mask_iou, ort_session, run_chain, sample_photos
+from export.verify import (PromptCase, build_exemplar_cases, mask_iou, ort_session, run_chain,
+                           run_exemplar_chain, sample_photos)
 
 from tests.export import meta_models
 
@@ -78,6 +79,21 @@ def test_meta_checkpoint_exports_and_matches_metas_model(meta_model, layout, tmp
     assert boxes_err <= 1e-3, boxes_err
     assert iou >= 0.99, iou
     assert got[T.PRED_LOGITS].argmax() == ref["pred_logits"].numpy().argmax()
+
+    # Exemplar (box) prompts through the same bundle vs Meta's add_geometric_prompt path
+    sessions.update({p: ort_session(bundle.part_path(p)) for p in ("geometry_encoder", "exemplar_decoder")})
+    cases = build_exemplar_cases(torch.from_numpy(pixels), tokenizer.encode, bundle.manifest.max_boxes)
+    for case in cases:
+        got = run_exemplar_chain(sessions, case)
+        n = case.count
+        ref = meta_models.meta_forward(meta_model, case.pixel_values, case.input_ids.long(),
+                                       case.boxes[0, :n], case.labels[0, :n] == 1)
+        errors = (np.abs(got[T.PRED_LOGITS] - ref["pred_logits"].numpy()).max(),
+                  np.abs(got[T.PRESENCE_LOGITS] - ref["presence"].numpy()).max(),
+                  np.abs(got[T.PRED_BOXES] - box_cxcywh_to_xyxy(ref["pred_boxes"]).numpy()).max())
+        assert max(errors) <= 1e-3, (case.name, errors)
+        assert mask_iou(got[T.PRED_MASKS], ref["pred_masks"].numpy()) >= 0.99, case.name
+        assert got[T.PRED_LOGITS].argmax() == ref["pred_logits"].numpy().argmax(), case.name
 
 
 def _small_shape_model():
