@@ -23,12 +23,12 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from engines.bundle import PART_NAMES, Bundle, TensorNames
-from engines.errors import BackendUnavailable, InvalidOption, Sam3Error
+from engines.bundle import EXEMPLAR_PART_NAMES, PART_NAMES, Bundle, TensorNames
+from engines.errors import BackendUnavailable, InvalidOption, InvalidPrompt, Sam3Error
 from engines.factory import BACKEND_KINDS, open_backend
 from engines.options import SegmentOptions
 from engines.postprocess import MASK_FORMATS, result_document
-from engines.types import STAGES, PromptResult
+from engines.types import STAGES, ExemplarBox, ExemplarPrompt, PromptResult
 
 EXIT_OK, EXIT_ERROR, EXIT_UNAVAILABLE = 0, 1, 2
 ENGINES_DIR_ENV = "SAM3_ENGINES_DIR"  # shared with the server and the container entrypoint
@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     build.add_argument("--workspace-mb", type=int, default=None, help="builder workspace (default 1024 MiB)")
     build.add_argument("--max-batch", type=int, default=None, help="profile max batch (default: manifest)")
-    build.add_argument("--parts", nargs="+", choices=PART_NAMES, default=list(PART_NAMES))
+    build.add_argument("--parts", nargs="+", choices=PART_NAMES + EXEMPLAR_PART_NAMES, default=None,
+                       help="default: every graph in the bundle (the exemplar graphs where present)")
     build.add_argument("--force", action="store_true", help="rebuild even when a current plan exists")
     _engines_dir_argument(build)
     build.set_defaults(func=cmd_build)
@@ -78,10 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     _engines_dir_argument(check)
     check.set_defaults(func=cmd_check)
 
-    seg = sub.add_parser("segment", help="segment IMAGE with one or more text prompts")
+    seg = sub.add_parser("segment", help="segment IMAGE with text prompts and/or exemplar boxes")
     seg.add_argument("bundle")
     seg.add_argument("image")
-    seg.add_argument("prompts", nargs="+", metavar="prompt")
+    seg.add_argument("prompts", nargs="*", metavar="prompt",
+                     help="text prompts; with --box/--negative-box at most one, which the boxes join")
+    seg.add_argument("--box", action="append", type=_box, default=[], metavar="x0,y0,x1,y1",
+                     help="exemplar box in image pixels: find everything like it (repeatable)")
+    seg.add_argument("--negative-box", action="append", type=_box, default=[], metavar="x0,y0,x1,y1",
+                     help="negative exemplar: not like this (repeatable)")
     seg.add_argument("--score-threshold", type=float, default=0.5)
     seg.add_argument("--mask-threshold", type=float, default=0.5)
     seg.add_argument("--max-detections", type=int, default=None)
@@ -134,7 +140,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             f"TensorRT {version} on {device.cuda.name} (sm {cc}), {settings.precision}, "
             f"workspace {settings.workspace_mb} MiB -> {engines_dir}"
         )
-        for part in args.parts:
+        parts = args.parts or [*PART_NAMES, *(p for p in EXEMPLAR_PART_NAMES if p in bundle.manifest.parts)]
+        for part in parts:
             result = device.call(
                 ensure_plan, bundle, part, settings, device.cuda, force=args.force, engines_dir=engines_dir
             )
@@ -206,6 +213,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- segment
 
 
+def _box(text: str) -> tuple[float, float, float, float]:
+    """``x0,y0,x1,y1`` -> four floats (the pipeline checks they make a box inside the image)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a box is x0,y0,x1,y1 in pixels, got {text!r}") from None
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"a box is x0,y0,x1,y1 in pixels, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from engines.pipeline import Sam3Pipeline
 
@@ -218,6 +236,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         max_detections=args.max_detections,
         with_masks=args.mask_format != "none" or args.out is not None,
     )
+    boxes = tuple(ExemplarBox(b) for b in args.box) + tuple(ExemplarBox(b, positive=False) for b in args.negative_box)
+    if boxes and len(args.prompts) > 1:
+        raise InvalidPrompt("--box/--negative-box make one prompt: give at most one text prompt with them")
+    if not boxes and not args.prompts:
+        raise InvalidPrompt("give a text prompt, --box, or both")
     with Sam3Pipeline.from_bundle(
         args.bundle,
         args.backend,
@@ -226,7 +249,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         engines_dir=args.engines_dir,
     ) as pipe:
         image = pipe.load_image(args.image)
-        result = pipe.segment(image, args.prompts, options)
+        if boxes:
+            prompt = ExemplarPrompt(text=args.prompts[0] if args.prompts else None, boxes=boxes)
+            result = pipe.segment_exemplars(image, [prompt], options)
+        else:
+            result = pipe.segment(image, args.prompts, options)
         device = pipe.backend.device
     width, height = result.image_size
     print(f"{Path(args.image).name}: {width}x{height}, backend {result.extra['backend']} on {device}")
@@ -351,6 +378,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             p90 = values[min(len(values) - 1, int(0.9 * len(values)))]
             print(f"{stage:16s} {statistics.median(values):10.2f} {p90:10.2f}")
         print(f"{'decode (cached)':16s} {statistics.median(cached):10.2f}")
+        if pipe.max_boxes:
+            # A new box on a cached image: geometry encoder + exemplar decoder, nothing else.
+            width, height = image.size
+            box = ExemplarPrompt(boxes=(ExemplarBox((width * 0.3, height * 0.3, width * 0.6, height * 0.7)),))
+            pipe.segment_exemplars(embedding, [box])  # encodes "visual" once
+            boxed = []
+            for _ in range(args.iterations):
+                started = time.perf_counter()
+                pipe.segment_exemplars(embedding, [box])
+                boxed.append((time.perf_counter() - started) * 1000)
+            print(f"{'1 box (cached)':16s} {statistics.median(boxed):10.2f}")
         memory = pipe.backend.memory()
         if memory.host_rss_bytes:
             print(f"host RSS {memory.host_rss_bytes / 2**20:.0f} MiB")

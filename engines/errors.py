@@ -74,3 +74,16 @@ class InvalidOption(InvalidInput):
     """A threshold or format option out of range."""
 
     code = "invalid_option"
+
+
+class InvalidBox(InvalidInput):
+    """An exemplar box that is degenerate, outside the image, one too many, or a prompt the
+    model cannot use (negative boxes with neither text nor a positive box)."""
+
+    code = "invalid_box"
+
+
+class ExemplarsUnsupported(InvalidInput):
+    """Exemplar (box) prompts sent to a bundle or backend without the exemplar graphs."""
+
+    code = "exemplars_unsupported"

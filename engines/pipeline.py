@@ -29,16 +29,19 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from engines.backend import Backend, PartRunner
-from engines.bundle import PART_NAMES, Bundle, TensorNames
-from engines.errors import BundleError, InvalidInput
+from engines.bundle import EXEMPLAR_PART_NAMES, PART_NAMES, Bundle, TensorNames
+from engines.errors import BundleError, EngineError, ExemplarsUnsupported, InvalidBox, InvalidInput
 from engines.factory import open_backend
 from engines.options import Limits, SegmentOptions
 from engines.postprocess import postprocess
 from engines.preprocess import ImageSource, load_image, to_pixel_values
 from engines.tokenizer import PromptTokenizer
 from engines.types import (
+    BOX_ONLY_TEXT,
     STAGES,
+    ExemplarPrompt,
     ImageEmbedding,
+    ImageSize,
     LoadedImage,
     PromptResult,
     Prompts,
@@ -115,6 +118,20 @@ class Sam3Pipeline:
         # Load all three parts now: a missing plan or a bad graph fails at startup, not at the
         # first request (and /readyz can mean "ready").
         self.parts: dict[str, PartRunner] = {name: backend.load(name) for name in PART_NAMES}
+        # Exemplar (box) prompts need two more graphs; a bundle or backend without them still
+        # serves text, and says why it cannot take boxes.
+        self.max_boxes = 0
+        self.exemplars_unavailable = "this bundle has no exemplar graphs (rebuild it with python -m export build)"
+        if self.manifest.max_boxes:
+            try:
+                for name in EXEMPLAR_PART_NAMES:
+                    self.parts[name] = backend.load(name)
+            except EngineError as exc:
+                self.exemplars_unavailable = f"the {backend.kind} backend cannot run the exemplar graphs: {exc}"
+            else:
+                self.max_boxes = self.manifest.max_boxes
+                self.exemplars_unavailable = ""
+        self._box_only_text: TextEmbedding | None = None  # "visual", encoded once
         # Cache keys. Keyed by weights, not by the ONNX file: LoRA bundles that only touch the
         # decoder share the image encoder, so they can share the server's embedding cache.
         self.encoder_key = image_part.weights_sha256 or image_part.sha256
@@ -184,6 +201,8 @@ class Sam3Pipeline:
             },
             "encoder_key": self.encoder_key,
             "text_encoder_key": self.text_encoder_key,
+            "exemplars": {"max_boxes": self.max_boxes, **(
+                {"unavailable": self.exemplars_unavailable} if self.exemplars_unavailable else {})},
         }
 
     # ------------------------------------------------------------------ checks (any thread)
@@ -206,6 +225,34 @@ class Sam3Pipeline:
     def check_prompts(self, prompts: Sequence[str]) -> Prompts:
         """Typed errors for prompts this pipeline would refuse; checked prompts are not re-checked."""
         return self.tokenizer.validate(prompts)
+
+    def check_exemplars(self, prompts: Sequence[ExemplarPrompt], image_size: ImageSize) -> tuple[ExemplarPrompt, ...]:
+        """Typed errors for exemplar prompts this pipeline would refuse on an image of ``image_size``.
+
+        Boxes are pixel xyxy of the original image and must lie inside it, with positive width
+        and height. A prompt of negative boxes alone is refused: both references accept it, but
+        with no text and no positive box it names nothing to find.
+        """
+        prompts = tuple(prompts)
+        if any(p.boxes for p in prompts) and not self.max_boxes:
+            raise ExemplarsUnsupported(f"exemplar boxes cannot be served: {self.exemplars_unavailable}")
+        self.check_prompts([p.model_text for p in prompts])
+        width, height = image_size
+        for index, prompt in enumerate(prompts):
+            where = f"prompt {index}"
+            if len(prompt.boxes) > self.max_boxes:
+                raise InvalidBox(f"{where}: {len(prompt.boxes)} boxes, this model takes at most {self.max_boxes}")
+            if prompt.boxes and prompt.text is None and not any(b.positive for b in prompt.boxes):
+                raise InvalidBox(f"{where}: negative boxes need a text prompt or a positive box")
+            for b in prompt.boxes:
+                if len(b.box) != 4 or not all(np.isfinite(v) for v in b.box):
+                    raise InvalidBox(f"{where}: a box is four finite numbers x0,y0,x1,y1, got {b.box}")
+                x0, y0, x1, y1 = b.box
+                if not (x1 > x0 and y1 > y0):
+                    raise InvalidBox(f"{where}: box {b.box} is degenerate (needs x1 > x0 and y1 > y0)")
+                if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                    raise InvalidBox(f"{where}: box {b.box} is outside the {width}x{height} image")
+        return prompts
 
     def load_image(self, source: ImageSource, *, image_id: str | None = None) -> LoadedImage:
         """Decode with EXIF orientation under this pipeline's megapixel limit.
@@ -324,6 +371,80 @@ class Sam3Pipeline:
                 results.append(PromptResult(prompt=prompt, detections=tuple(detections)))
         return results
 
+    @staticmethod
+    def _results(out: dict[str, np.ndarray], names: Sequence[str], image_emb: ImageEmbedding,
+                 options: SegmentOptions) -> list[PromptResult]:
+        results = []
+        for i, name in enumerate(names):
+            detections = postprocess(
+                out[TensorNames.PRED_MASKS][i],
+                out[TensorNames.PRED_BOXES][i],
+                out[TensorNames.PRED_LOGITS][i],
+                float(np.asarray(out[TensorNames.PRESENCE_LOGITS][i]).reshape(-1)[0]),
+                image_emb.image_size.shape,
+                options,
+            )
+            results.append(PromptResult(prompt=name, detections=tuple(detections)))
+        return results
+
+    def exemplar_inputs(self, prompts: Sequence[ExemplarPrompt], image_size: ImageSize) -> dict[str, np.ndarray]:
+        """Boxes as the geometry graph takes them: normalised cxcywh, padded to K with label -10.
+
+        Normalised by the original image's size: the preprocessing resizes the whole image to
+        the model's square input (no padding), so relative coordinates carry over unchanged.
+        """
+        spec = self.parts["geometry_encoder"].spec
+        boxes = np.zeros((len(prompts), self.max_boxes, 4), dtype=spec.input(TensorNames.INPUT_BOXES).dtype)
+        labels = np.full((len(prompts), self.max_boxes), -10,
+                         dtype=spec.input(TensorNames.INPUT_BOXES_LABELS).dtype)
+        width, height = image_size
+        for row, prompt in enumerate(prompts):
+            for col, b in enumerate(prompt.boxes):  # valid boxes first, padding after
+                x0, y0, x1, y1 = b.box
+                boxes[row, col] = ((x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
+                                   (x1 - x0) / width, (y1 - y0) / height)
+                labels[row, col] = 1 if b.positive else 0
+        return {TensorNames.INPUT_BOXES: boxes, TensorNames.INPUT_BOXES_LABELS: labels}
+
+    def _decode_exemplars(self, image_emb: ImageEmbedding, text_emb: TextEmbedding,
+                          prompts: Sequence[ExemplarPrompt], options: SegmentOptions,
+                          watch: _Stopwatch) -> list[PromptResult]:
+        if image_emb.encoder_key and image_emb.encoder_key != self.encoder_key:
+            raise InvalidInput("this image embedding was computed by a different image encoder")
+        geometry = self.parts["geometry_encoder"]
+        decoder = self.parts["exemplar_decoder"]
+        boxes = self.exemplar_inputs(prompts, image_emb.image_size)
+        level = geometry.spec.input_names[0]  # the image level the boxes are pooled from
+        results = []
+        step = min(geometry.max_batch, decoder.max_batch)
+        for start in range(0, len(prompts), step):
+            stop = min(start + step, len(prompts))
+            with watch.stage("geometry_encoder"):
+                tokens = geometry.run({
+                    level: np.ascontiguousarray(image_emb.tensors[level],
+                                                dtype=geometry.spec.input(level).dtype),
+                    **{name: value[start:stop] for name, value in boxes.items()},
+                })
+            self.stage_calls["geometry_encoder"] += 1
+            feed: dict[str, np.ndarray] = {}
+            for tensor in decoder.spec.inputs:
+                if tensor.name in image_emb.tensors:
+                    value = image_emb.tensors[tensor.name]
+                elif tensor.name in text_emb.tensors:
+                    value = text_emb.tensors[tensor.name][start:stop]
+                elif tensor.name in tokens:
+                    value = tokens[tensor.name]
+                else:
+                    raise InvalidInput(f"exemplar decoder input {tensor.name!r} has no source")
+                feed[tensor.name] = np.ascontiguousarray(value, dtype=tensor.dtype)
+            with watch.stage("decoder"):
+                out = decoder.run(feed)
+            self.stage_calls["decoder"] += 1
+            with watch.stage("postprocess"):
+                results.extend(self._results(out, [p.name for p in prompts[start:stop]], image_emb, options))
+            del out
+        return results
+
     def decoder_inputs(
         self, image_emb: ImageEmbedding, text_emb: TextEmbedding, start: int = 0, stop: int | None = None
     ) -> dict[str, np.ndarray]:
@@ -399,3 +520,72 @@ class Sam3Pipeline:
             cache_hit=cache_hit,
             extra={"backend": self.backend.kind, "precision": self.backend.precision},
         )
+
+    def segment_exemplars(
+        self,
+        image: ImageEmbedding | LoadedImage | ImageSource,
+        prompts: Sequence[ExemplarPrompt],
+        options: SegmentOptions | None = None,
+        *,
+        text: TextEmbedding | None = None,
+        score_threshold: float | None = None,
+        mask_threshold: float | None = None,
+        max_detections: int | None = None,
+        with_masks: bool | None = None,
+    ) -> SegmentResult:
+        """Image + prompts of text and/or exemplar boxes -> :class:`SegmentResult`.
+
+        On a cached :class:`ImageEmbedding` a new box costs the geometry encoder and the
+        exemplar decoder only: box-only prompts reuse one encoding of "visual", and prompts with
+        text may bring their ``text`` embedding (rows in ``prompts`` order) from a cache.
+        """
+        started = time.perf_counter()
+        chosen = self.segment_options(
+            options, score_threshold=score_threshold, mask_threshold=mask_threshold,
+            max_detections=max_detections, with_masks=with_masks,
+        )  # fmt: skip
+        watch = _Stopwatch()
+        prompts = tuple(prompts)
+        if not any(p.boxes for p in prompts):
+            # no boxes: the text path (cached CLS token) gives the same answer, faster
+            return self.segment(image, text if text is not None else [p.model_text for p in prompts], chosen)
+        cache_hit = isinstance(image, ImageEmbedding)
+        if not isinstance(image, (ImageEmbedding, LoadedImage)):
+            with watch.stage("preprocess"):
+                image = self.load_image(image)
+        with watch.stage("preprocess"):
+            prompts = self.check_exemplars(prompts, image.image_size if cache_hit else image.size)
+        if text is None:
+            text = self._exemplar_text(prompts)
+            watch.merge(text.timings_ms)
+        elif len(text.prompts) != len(prompts):
+            raise InvalidInput(f"the text embedding holds {len(text.prompts)} prompts, not {len(prompts)}")
+        if isinstance(image, ImageEmbedding):
+            image_emb = image
+        else:
+            image_emb = self.encode_image(image)
+            watch.merge(image_emb.timings_ms)
+        results = self._decode_exemplars(image_emb, text, prompts, chosen, watch)
+        timings = {stage: 0.0 for stage in STAGES}
+        timings.update(watch.ms)
+        timings["total"] = (time.perf_counter() - started) * 1000.0
+        return SegmentResult(
+            image_id=image_emb.image_id,
+            image_size=image_emb.image_size,
+            results=results,
+            timings_ms={k: round(v, 3) for k, v in timings.items()},
+            cache_hit=cache_hit,
+            extra={"backend": self.backend.kind, "precision": self.backend.precision},
+        )
+
+    def _exemplar_text(self, prompts: Sequence[ExemplarPrompt]) -> TextEmbedding:
+        if all(p.text is None for p in prompts):
+            if self._box_only_text is None:
+                self._box_only_text = self.encode_text([BOX_ONLY_TEXT])
+                watch_ms = self._box_only_text.timings_ms
+            else:
+                watch_ms = {}
+            one = self._box_only_text
+            rows = {name: np.repeat(value, len(prompts), axis=0) for name, value in one.tensors.items()}
+            return TextEmbedding(prompts=tuple(BOX_ONLY_TEXT for _ in prompts), tensors=rows, timings_ms=watch_ms)
+        return self.encode_text([p.model_text for p in prompts])

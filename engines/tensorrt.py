@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Ty
 import numpy as np
 
 from engines.backend import MemoryReport, host_rss_bytes, validate_inputs
-from engines.bundle import BATCH, PART_NAMES, Bundle, PartSpec, sha256_file, write_atomic
+from engines.bundle import BATCH, EXEMPLAR_PART_NAMES, PART_NAMES, Bundle, PartSpec, sha256_file, write_atomic
 from engines.errors import BackendUnavailable, EngineError
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ def key_for(spec: PartSpec, settings: BuildSettings, tensorrt_version: str, comp
 
 
 def plan_path(engines_dir: Path, part: str, key: str) -> Path:
-    if part not in PART_NAMES:
+    if part not in PART_NAMES + EXEMPLAR_PART_NAMES:
         raise EngineError(f"unknown part {part!r}")
     if not re.fullmatch(r"[0-9a-f]{%d}" % KEY_LENGTH, key):
         raise EngineError(f"malformed engine key {key!r}")

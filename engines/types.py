@@ -39,6 +39,38 @@ class Prompts(tuple[str, ...]):
 
 
 @dataclass(frozen=True)
+class ExemplarBox:
+    """One exemplar box in original-image pixels (x0, y0, x1, y1); negative: "not like this"."""
+
+    box: tuple[float, float, float, float]
+    positive: bool = True
+
+
+@dataclass(frozen=True)
+class ExemplarPrompt:
+    """A prompt given by text, exemplar boxes, or both: Meta's text prompt plus geometric prompt.
+
+    Without text the model is given the text "visual", as Meta's ``add_geometric_prompt`` and
+    transformers' processor do for a box-only prompt.
+    """
+
+    text: str | None = None
+    boxes: tuple[ExemplarBox, ...] = ()
+
+    @property
+    def model_text(self) -> str:
+        return self.text if self.text is not None else BOX_ONLY_TEXT
+
+    @property
+    def name(self) -> str:
+        """How results name this prompt: its text, or "visual" for boxes alone."""
+        return self.model_text
+
+
+BOX_ONLY_TEXT = "visual"
+
+
+@dataclass(frozen=True)
 class LoadedImage:
     """A decoded image: RGB uint8 pixels after EXIF orientation, plus the id of its bytes."""
 

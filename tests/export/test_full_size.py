@@ -29,6 +29,12 @@ def test_preset_exports_with_parity(preset: str, image_size: int, queries: int, 
     summary = manifest.parity["summary"]
     assert summary["logits_max_abs"] <= 1e-3 and summary["mask_iou_min"] >= 0.99
     assert manifest.op_audit["all_supported"]
+    # exemplar (box) prompts at this size: every case of export.verify.EXEMPLAR_PROMPTS
+    exemplars = manifest.parity["exemplars"]["summary"]
+    assert manifest.max_boxes == 16 and exemplars["cases"] == 5
+    assert exemplars["logits_max_abs"] <= 1e-3 and exemplars["presence_max_abs"] <= 1e-3
+    assert exemplars["mask_iou_min"] >= 0.99 and exemplars["same_top_query"]
+    assert "geometry_encoder" in manifest.fp16_range["parts"]
     if params_m is not None:
         counted = tuple(round(manifest.model.parameters[p] / 1e6, 1)
                         for p in ("image_encoder", "text_encoder", "decoder"))
