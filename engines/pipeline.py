@@ -349,26 +349,26 @@ class Sam3Pipeline:
         if count == 0:
             raise InvalidInput("the text embedding holds no prompts")
         part = self.parts["decoder"]
-        outputs: dict[str, list[np.ndarray]] = {name: [] for name in part.spec.output_names}
-        with watch.stage("decoder"):
-            for start in range(0, count, part.max_batch):
-                stop = min(start + part.max_batch, count)
-                for name, value in part.run(self.decoder_inputs(image_emb, text_emb, start, stop)).items():
-                    outputs[name].append(value)
-                self.stage_calls["decoder"] += 1
-        merged = {name: np.concatenate(chunks, axis=0) for name, chunks in outputs.items()}
         results = []
-        with watch.stage("postprocess"):
-            for i, prompt in enumerate(text_emb.prompts):
-                detections = postprocess(
-                    merged[TensorNames.PRED_MASKS][i],
-                    merged[TensorNames.PRED_BOXES][i],
-                    merged[TensorNames.PRED_LOGITS][i],
-                    float(np.asarray(merged[TensorNames.PRESENCE_LOGITS][i]).reshape(-1)[0]),
-                    image_emb.image_size.shape,
-                    options,
-                )
-                results.append(PromptResult(prompt=prompt, detections=tuple(detections)))
+        for start in range(0, count, part.max_batch):
+            stop = min(start + part.max_batch, count)
+            with watch.stage("decoder"):
+                out = part.run(self.decoder_inputs(image_emb, text_emb, start, stop))
+            self.stage_calls["decoder"] += 1
+            # Each chunk is reduced to its kept detections (low-resolution masks) before the next
+            # runs: a request holds one chunk of decoder outputs, not one per prompt.
+            with watch.stage("postprocess"):
+                for i in range(stop - start):
+                    detections = postprocess(
+                        out[TensorNames.PRED_MASKS][i],
+                        out[TensorNames.PRED_BOXES][i],
+                        out[TensorNames.PRED_LOGITS][i],
+                        float(np.asarray(out[TensorNames.PRESENCE_LOGITS][i]).reshape(-1)[0]),
+                        image_emb.image_size.shape,
+                        options,
+                    )
+                    results.append(PromptResult(prompt=text_emb.prompts[start + i], detections=tuple(detections)))
+            del out
         return results
 
     @staticmethod

@@ -5,11 +5,13 @@ Semantics are transformers' ``Sam3ImageProcessor.post_process_instance_segmentat
 threshold; boxes (normalised xyxy) times (W, H, W, H), not clipped; masks = sigmoid(mask logits)
 resized bilinearly (align_corners=False, no antialias) to the original size, then > mask_threshold.
 transformers neither sorts nor caps the count; we sort by descending score and apply
-``max_detections`` *before* resizing, so at most that many masks are ever upsampled.
+``max_detections`` *before* any mask is drawn, so at most that many masks are ever upsampled.
 (Meta's own processor differs slightly: it resizes the logits and then applies sigmoid > 0.5.)
 
-The resize is OpenCV ``INTER_LINEAR`` on float32, which uses the same half-pixel mapping and edge
-clamping as ``F.interpolate(mode="bilinear", align_corners=False)``; tests compare the masks.
+A detection keeps its kept query's low-resolution probabilities (:class:`engines.masks.LowResMask`);
+the full-resolution mask is drawn one at a time when it is read or encoded (engines/masks.py:
+the same half-pixel mapping and edge clamping as ``F.interpolate(mode="bilinear",
+align_corners=False)`` and OpenCV's ``INTER_LINEAR``; tests compare the masks).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from engines.errors import InvalidOption
+from engines.masks import MASK_FORMATS, DenseMask, LowResMask, MaskSource, check_format
 from engines.options import SegmentOptions
 from engines.types import Detection, ImageSize, PromptResult
 
-MASK_FORMATS = ("rle", "png", "polygon", "none")
+__all__ = ["MASK_FORMATS", "decode_mask", "encode_mask", "postprocess", "result_document", "upsample_masks"]
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -70,28 +73,27 @@ def postprocess(
         keep = keep[: int(max_detections)]
     scale = np.asarray([width, height, width, height], dtype=np.float32)
 
-    masks = None
-    if with_masks and keep.size:
-        masks = upsample_masks(np.asarray(pred_masks)[keep], (height, width), mask_threshold)
+    # Only the kept queries' low-resolution probabilities are kept (a copy: the decoder's output
+    # batch can be freed); full-resolution masks are drawn one at a time when encoded.
+    probs = _sigmoid(np.asarray(pred_masks)[keep]) if with_masks and keep.size else None
     return tuple(
         Detection(
             score=float(scores[q]),
             box=tuple(float(v) for v in boxes[q] * scale),  # type: ignore[arg-type]
-            mask=None if masks is None else masks[i],
+            mask=None if probs is None else LowResMask(probs[i], (height, width), mask_threshold),
         )
         for i, q in enumerate(keep)
     )
 
 
 def upsample_masks(mask_logits: np.ndarray, size: tuple[int, int], mask_threshold: float) -> np.ndarray:
-    """[K, h, w] logits -> [K, H, W] bool: sigmoid, bilinear resize, threshold (transformers' order)."""
-    height, width = size
+    """[K, h, w] logits -> [K, H, W] bool: sigmoid, bilinear resize, threshold (transformers' order).
+
+    Holds all K masks at full resolution: for tools and tests; ``postprocess`` never calls it."""
     probs = _sigmoid(mask_logits)
-    out = np.empty((probs.shape[0], height, width), dtype=bool)
-    for i, prob in enumerate(probs):  # one mask at a time: peak memory is one H x W float image
-        if prob.shape != (height, width):
-            prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
-        np.greater(prob, mask_threshold, out=out[i])
+    out = np.empty((probs.shape[0], *size), dtype=bool)
+    for i, prob in enumerate(probs):
+        out[i] = LowResMask(prob, size, mask_threshold).render()
     return out
 
 
@@ -100,28 +102,13 @@ def upsample_masks(mask_logits: np.ndarray, size: tuple[int, int], mask_threshol
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_mask(mask: np.ndarray, fmt: str) -> dict[str, Any] | None:
-    """One bool [H, W] mask as rle (COCO, compressed counts) | png (base64) | polygon | none."""
-    if fmt not in MASK_FORMATS:
-        raise InvalidOption(f"mask format {fmt!r} is not one of {', '.join(MASK_FORMATS)}")
+def encode_mask(mask: np.ndarray | MaskSource, fmt: str) -> dict[str, Any] | None:
+    """One mask (a bool [H, W] array, or a detection's ``mask_source``) as rle (COCO, compressed
+    counts) | png (base64) | polygon | none."""
+    check_format(fmt)
     if fmt == "none":
         return None
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2:
-        raise ValueError(f"a mask must be 2-D, got shape {mask.shape}")
-    height, width = mask.shape
-    size = [int(height), int(width)]
-    if fmt == "rle":
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        return {"format": "rle", "size": size, "counts": rle["counts"].decode("ascii")}
-    if fmt == "png":
-        ok, buf = cv2.imencode(".png", mask.astype(np.uint8) * 255, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-        if not ok:
-            raise RuntimeError("PNG encoding of a mask failed")
-        return {"format": "png", "size": size, "data": base64.b64encode(buf.tobytes()).decode("ascii")}
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polygons = [c.reshape(-1).astype(int).tolist() for c in contours if len(c) >= 3]
-    return {"format": "polygon", "size": size, "polygons": polygons}
+    return (mask if isinstance(mask, MaskSource) else DenseMask(mask)).encode(fmt)
 
 
 def decode_mask(data: dict[str, Any]) -> np.ndarray:
@@ -162,7 +149,8 @@ def result_document(
                     {
                         "score": float(det.score),
                         "box": [float(v) for v in det.box],
-                        "mask": None if det.mask is None else encode_mask(det.mask, mask_format),
+                        # one full-resolution mask at a time, dropped once encoded
+                        "mask": None if det.mask_source is None else det.mask_source.encode(mask_format),
                     }
                     for det in result.detections
                 ],

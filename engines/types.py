@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from engines.masks import DenseMask, MaskSource
+
 # Pipeline stages, in order: the keys of every ``timings_ms`` below (plus "total" on a segment).
 STAGES = ("preprocess", "image_encoder", "text_encoder", "decoder", "postprocess")
 
@@ -124,11 +126,27 @@ class TextEmbedding:
         return int(sum(t.nbytes for t in self.tensors.values()))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, eq=False)
 class Detection:
+    """One detection. Its full-resolution mask is drawn from ``mask_source`` each time ``mask``
+    is read and never stored, so holding many detections never holds many full-size masks."""
+
     score: float
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels
-    mask: np.ndarray | None = None  # [H, W] bool at the original size, or None
+    mask_source: MaskSource | None = field(repr=False)  # None: no mask asked for (boxes, scores only)
+
+    def __init__(
+        self, score: float, box: tuple[float, float, float, float], mask: np.ndarray | MaskSource | None = None
+    ) -> None:
+        source = mask if mask is None or isinstance(mask, MaskSource) else DenseMask(mask)
+        object.__setattr__(self, "score", score)
+        object.__setattr__(self, "box", box)
+        object.__setattr__(self, "mask_source", source)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """[H, W] bool at the original size (computed now), or None."""
+        return None if self.mask_source is None else self.mask_source.render()
 
 
 @dataclass(frozen=True)

@@ -96,18 +96,23 @@ def test_topk_before_resize_and_no_masks() -> None:
     assert [d.score for d in bare] == [d.score for d in full] and all(d.mask is None for d in bare)
 
 
-def test_only_kept_masks_are_resized(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engines.postprocess as pp
+def test_only_kept_masks_are_kept_at_low_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engines.masks as masks
 
-    calls = []
-    real = pp.cv2.resize
-    monkeypatch.setattr(pp.cv2, "resize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    drawn = []
+    real = masks.LowResMask.intervals
+    monkeypatch.setattr(masks.LowResMask, "intervals", lambda self: drawn.append(1) or real(self))
     out = _outputs(6)
     dets = postprocess(
-        out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], (500, 500),
+        out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], (5000, 5000),
         score_threshold=0.0, max_detections=2,
     )
-    assert len(dets) == 2 and len(calls) == 2
+    assert len(dets) == 2 and not drawn  # nothing drawn at full resolution yet
+    for det in dets:
+        assert isinstance(det.mask_source, masks.LowResMask) and det.mask_source.probs.shape == (72, 72)
+        assert det.mask_source.probs.base is None or det.mask_source.probs.base is not out["pred_masks"]
+    doc = result_document((5000, 5000), [PromptResult("p", dets)], "rle")
+    assert len(drawn) == 2 and doc["results"][0]["detections"][0]["mask"]["size"] == [5000, 5000]
 
 
 def test_presence_scalar_and_nothing_kept() -> None:
