@@ -169,7 +169,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     trt_backend = open_backend(bundle, "tensorrt", precision=args.precision, engines_dir=args.engines_dir)
     reference = Sam3Pipeline(bundle, open_backend(bundle, "onnxruntime", providers=["CPUExecutionProvider"]))
     try:
-        parts = {name: trt_backend.load(name) for name in PART_NAMES}
+        names = [*PART_NAMES, *(EXEMPLAR_PART_NAMES if reference.max_boxes else ())]
+        parts = {name: trt_backend.load(name) for name in names}
         image = reference.load_image(_synthetic_image(640, 480))
         pixel_values = to_pixel_values(image.pixels, bundle.manifest.preprocessing)
         ids, mask = reference.tokenizer.encode(list(CHECK_PROMPTS[: parts["text_encoder"].max_batch]))
@@ -181,8 +182,19 @@ def cmd_check(args: argparse.Namespace) -> int:
             # Decoder fed the *reference* encoder outputs: each part is judged on its own.
             "decoder": reference.decoder_inputs(image_emb, text_emb),
         }
+        if reference.max_boxes:  # the exemplar graphs, each fed the reference's upstream outputs
+            width, height = image.size
+            prompt = ExemplarPrompt(boxes=(ExemplarBox((0.2 * width, 0.2 * height, 0.6 * width, 0.7 * height)),
+                                           ExemplarBox((0.6 * width, 0.5 * height, 0.9 * width, 0.9 * height),
+                                                       positive=False)))
+            count = len(text_emb.prompts)
+            level = parts["geometry_encoder"].spec.input_names[0]
+            feeds["geometry_encoder"] = {level: image_emb.tensors[level],
+                                         **reference.exemplar_inputs([prompt] * count, image.size)}
+            geometry = reference.parts["geometry_encoder"].run(feeds["geometry_encoder"])
+            feeds["exemplar_decoder"] = {**image_emb.tensors, **text_emb.tensors, **geometry}
         report: dict[str, Any] = {"precision": args.precision, "device": trt_backend.device, "parts": {}}
-        for name in PART_NAMES:
+        for name in names:
             feed = {
                 t.name: np.ascontiguousarray(feeds[name][t.name], dtype=t.dtype)
                 for t in parts[name].spec.inputs

@@ -188,3 +188,20 @@ def test_bench_reports_warm_box_cost_next_to_warm_text_cost(tiny_bundle, capsys)
     assert main(["bench", str(tiny_bundle), "--backend", "onnxruntime", "--iterations", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     assert "decode (cached)" in out and "1 box (cached)" in out
+
+
+def test_check_command_covers_the_exemplar_graphs(tiny_bundle, tmp_path, monkeypatch, capsys) -> None:
+    """`python -m engines check` off-device: ONNX Runtime stands in for TensorRT, so the feeds
+    for every graph (the exemplar ones included) are exercised; on a GPU it compares TensorRT."""
+    import json
+
+    import engines.__main__ as cli
+    from engines.factory import open_backend
+
+    monkeypatch.setattr(cli, "open_backend", lambda bundle, kind, **kw: open_backend(
+        bundle, "onnxruntime", providers=["CPUExecutionProvider"]))
+    report = tmp_path / "check.json"
+    assert cli.main(["check", str(tiny_bundle), "--precision", "fp32", "--json", str(report)]) == 0
+    parts = json.loads(report.read_text())["parts"]
+    assert set(parts) == {"image_encoder", "text_encoder", "decoder", "geometry_encoder", "exemplar_decoder"}
+    assert "PASSED" in capsys.readouterr().out
