@@ -276,8 +276,8 @@ def http_segmenter(url: str, config: AccuracyConfig = AccuracyConfig(),
     client = httpx.Client(base_url=url, timeout=120.0, headers={"x-api-key": api_key} if api_key else {})
 
     def segment(image: bytes, prompts: list[str]) -> dict[str, Any]:
-        data = [("prompt", p) for p in prompts] + [("score_threshold", str(config.ap_score_floor)),
-                                                    ("max_detections", str(config.max_detections))]
+        data = {"prompt": list(prompts), "score_threshold": str(config.ap_score_floor),
+                "max_detections": str(config.max_detections)}
         response = client.post("/segment", files={"image": ("image.jpg", image, "image/jpeg")}, data=data)
         response.raise_for_status()
         return response.json()
