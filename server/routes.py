@@ -223,6 +223,7 @@ def _manifest_summary(manifest: Manifest) -> dict[str, Any]:
             "format": manifest.source.format,
             "loras": list(manifest.source.loras),
         },
+        "capabilities": manifest.capabilities,
     }
 
 

@@ -234,6 +234,12 @@ class TokenizerOut(_Response):
     sha256: str
 
 
+class CapabilitiesOut(_Response):
+    text_prompts: bool
+    exemplar_boxes: bool = Field(description="The bundle has the exemplar (box-prompt) graphs.")
+    max_boxes: int = Field(description="Exemplar boxes one prompt may hold (0: text prompts only).")
+
+
 class ManifestOut(_Response):
     name: str
     card: dict[str, Any] = Field(default_factory=dict, description="The bundle's model card ({} when none).")
@@ -248,6 +254,7 @@ class ManifestOut(_Response):
     tokenizer: TokenizerOut
     parts: dict[str, PartOut]
     source: SourceOut
+    capabilities: CapabilitiesOut
 
 
 class InfoResponse(_Response):
