@@ -7,11 +7,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_BUNDLE ?= demo-bundle
+SHAPES_MODEL ?= models/shapes
+STAR_LORA ?= models/shapes-star-lora
+ACC_SCENES ?= 200
+RESULTS := benchmarks/results
+BUILD_DIR ?= build
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv runtime-venv demo demo-bundle serve test test-slow lint clean
+.PHONY: venv runtime-venv demo demo-bundle serve test test-slow lint clean train train-lora accuracy accuracy-base accuracy-lora
 
 $(VENV)/.installed: requirements/runtime.txt requirements/export.txt requirements/dev.txt requirements/tritonserver.txt requirements/typecheck.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +31,13 @@ $(VENV)/.installed: requirements/runtime.txt requirements/export.txt requirement
 
 venv: $(VENV)/.installed
 
-$(DEMO_BUNDLE)/manifest.json: | venv
-	$(PY) -m export demo --out $(DEMO_BUNDLE)
+# The demo bundle is the trained shapes model shipped in models/ (python -m training base).
+$(DEMO_BUNDLE)/manifest.json: $(SHAPES_MODEL)/model.safetensors | venv
+	$(PY) -m export build --checkpoint $(SHAPES_MODEL) --out $(DEMO_BUNDLE)
 
 demo-bundle: $(DEMO_BUNDLE)/manifest.json
 
-# Export the random-weight demo model (once), then serve it on http://$(HOST):$(PORT)/
+# Export the trained demo model (once), then serve it on http://$(HOST):$(PORT)/
 demo: demo-bundle
 	$(PY) -m server --bundle $(DEMO_BUNDLE) --host $(HOST) --port $(PORT)
 
@@ -40,6 +46,45 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Retrain the shipped models (not in CI): ~85 min + ~15 min on 2 CPU cores; --resume continues.
+train: venv
+	$(PY) -m training base --out $(SHAPES_MODEL)
+
+train-lora: venv
+	$(PY) -m training lora --base $(SHAPES_MODEL) --out $(STAR_LORA)
+
+# The accuracy reports in $(RESULTS)/accuracy-*.json|md (not in CI): PyTorch, bundle, FP16
+# emulation, int8, and the star LoRA before/after, each on the same seeded held-out scenes.
+ACC := $(PY) -m benchmarks accuracy
+accuracy: accuracy-base accuracy-lora
+	$(PY) -m benchmarks accuracy-summary $(RESULTS) --markdown $(RESULTS)/accuracy.md \
+		--same-weights $(BUILD_DIR)/shapes-star $(BUILD_DIR)/shapes-star-pt
+
+accuracy-base: venv
+	$(PY) -m export build --checkpoint $(SHAPES_MODEL) --out $(BUILD_DIR)/shapes
+	$(PY) -m export emulate-fp16 $(BUILD_DIR)/shapes --out $(BUILD_DIR)/shapes-fp16emu
+	$(PY) -m export quantize $(BUILD_DIR)/shapes --out $(BUILD_DIR)/shapes-int8
+	$(ACC) --bundle $(BUILD_DIR)/shapes --scenes $(ACC_SCENES) --write-dataset $(BUILD_DIR)/heldout \
+		--json $(RESULTS)/accuracy-bundle.json --markdown $(RESULTS)/accuracy-bundle.md
+	$(ACC) --checkpoint $(SHAPES_MODEL) --dataset $(BUILD_DIR)/heldout \
+		--json $(RESULTS)/accuracy-pytorch.json --markdown $(RESULTS)/accuracy-pytorch.md
+	$(ACC) --bundle $(BUILD_DIR)/shapes-fp16emu --dataset $(BUILD_DIR)/heldout \
+		--json $(RESULTS)/accuracy-fp16emu.json --markdown $(RESULTS)/accuracy-fp16emu.md
+	$(ACC) --bundle $(BUILD_DIR)/shapes-int8 --dataset $(BUILD_DIR)/heldout \
+		--json $(RESULTS)/accuracy-int8.json --markdown $(RESULTS)/accuracy-int8.md
+	$(ACC) --bundle $(BUILD_DIR)/shapes --scenes $(ACC_SCENES) --scene-seed 8 --shapes all --require-shape star \
+		--write-dataset $(BUILD_DIR)/heldout-star \
+		--json $(RESULTS)/accuracy-star-before.json --markdown $(RESULTS)/accuracy-star-before.md
+
+accuracy-lora: venv
+	$(PY) -m export build --checkpoint $(SHAPES_MODEL) --lora $(STAR_LORA)/peft --out $(BUILD_DIR)/shapes-star
+	$(PY) -m export build --checkpoint $(SHAPES_MODEL) --lora $(STAR_LORA)/best_lora_weights.pt \
+		--lora-config $(STAR_LORA)/lora_config.yaml --out $(BUILD_DIR)/shapes-star-pt
+	$(ACC) --bundle $(BUILD_DIR)/shapes-star --dataset $(BUILD_DIR)/heldout \
+		--json $(RESULTS)/accuracy-lora-base-concepts.json --markdown $(RESULTS)/accuracy-lora-base-concepts.md
+	$(ACC) --bundle $(BUILD_DIR)/shapes-star --dataset $(BUILD_DIR)/heldout-star \
+		--json $(RESULTS)/accuracy-star-after.json --markdown $(RESULTS)/accuracy-star-after.md
 
 clean:
 	rm -rf $(DEMO_BUNDLE) .pytest_cache
