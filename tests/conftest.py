@@ -44,3 +44,30 @@ def tiny_bundle(tmp_path_factory, tiny_hf_checkpoint) -> Path:
     code = main(["build", "--checkpoint", str(tiny_hf_checkpoint), "--out", str(out), "--name", "sam3-tiny"])
     assert code == 0, "tiny bundle build failed"
     return out
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHAPES_MODEL = REPO_ROOT / "models" / "shapes"
+STAR_LORA = REPO_ROOT / "models" / "shapes-star-lora"
+
+
+@pytest.fixture(scope="session")
+def shapes_bundle(tmp_path_factory) -> Path:
+    """The shipped, trained demo model exported through the CLI, as `make demo` does."""
+    from export.__main__ import main
+
+    out = tmp_path_factory.mktemp("bundles") / "shapes"
+    assert main(["build", "--checkpoint", str(SHAPES_MODEL), "--out", str(out), "--skip-fp16-error-run",
+                 "--verify-cases", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def star_bundle(tmp_path_factory) -> Path:
+    """The shipped model with the shipped star adapter (PEFT directory) merged at export."""
+    from export.__main__ import main
+
+    out = tmp_path_factory.mktemp("bundles") / "shapes-star"
+    assert main(["build", "--checkpoint", str(SHAPES_MODEL), "--lora", str(STAR_LORA / "peft"), "--out", str(out),
+                 "--skip-fp16-error-run", "--verify-cases", "2"]) == 0
+    return out

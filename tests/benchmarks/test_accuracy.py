@@ -1,0 +1,165 @@
+"""Accuracy end to end: the metric code on known answers, and the shipped model through the
+CLI-exported bundle, the pipeline and the server (bounds a little below the published goals)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from benchmarks.__main__ import main as bench_main
+from benchmarks.accuracy import AccuracyConfig, evaluate, http_segmenter, load_dataset, pipeline_segmenter
+from engines.bundle import Bundle, sha256_file, write_manifest
+from scenes.coco import write_scene_dataset
+from scenes.generator import generate_scene
+
+# The goals (recall/precision >= 0.9, mean IoU >= 0.85, absent <= 3 %) are NOT met by the shipped
+# model (benchmarks/results/accuracy.md: mask AP 15.8, recall 0.09 on 200 scenes). These bounds
+# guard what it does reach, a little below the measured figures, so a regression (or a broken
+# export, threshold, presence gating, upsampling or RLE) fails them; raise them with the model.
+BOUNDS = {"ap": 12.0, "ap50": 20.0, "mean_iou": 0.65, "absent_with_detection": 0.1}  # measured: 23.4, 37.5, 0.81, 0.055
+
+
+def bound_failures(overall: dict) -> list[str]:
+    failures = [f"{k} {overall[k]} < {v}" for k, v in BOUNDS.items() if k != "absent_with_detection" and overall[k] < v]
+    if overall["absent_with_detection"] > BOUNDS["absent_with_detection"]:
+        failures.append(f"absent_with_detection {overall['absent_with_detection']} > {BOUNDS['absent_with_detection']}")
+    return failures
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> Path:
+    """The first 20 scenes of the published 200-scene held-out set (same seed)."""
+    return write_scene_dataset(tmp_path_factory.mktemp("data") / "heldout", 20, seed=7)
+
+
+@pytest.fixture(scope="module")
+def star_scenes(tmp_path_factory) -> Path:
+    return write_scene_dataset(tmp_path_factory.mktemp("data") / "stars", 20, seed=8,
+                               shapes=("circle", "square", "triangle", "star"), require_shape="star")
+
+
+# ------------------------------------------------------------------------------ metric code
+def _oracle(dataset_dir: Path, *, drop_every: int = 0, absent_noise: bool = False):
+    """A segmenter that answers from the generator's ground truth (optionally wrong on purpose)."""
+    annotations = json.loads((dataset_dir / "annotations.json").read_text())
+    by_file = {Path(i["file_name"]).name: i["scene_seed"] for i in annotations["images"]}
+    jpeg_to_seed = {(dataset_dir / "images" / name).read_bytes(): seed for name, seed in by_file.items()}
+    counter = {"n": 0}
+
+    def segment(image: bytes, prompts: list[str]) -> dict:
+        scene = generate_scene(jpeg_to_seed[image])
+        results = []
+        for prompt in prompts:
+            dets = []
+            for k in scene.matching(prompt):
+                counter["n"] += 1
+                if drop_every and counter["n"] % drop_every == 0:
+                    continue
+                rle = mask_utils.encode(np.asfortranarray(scene.objects[k].mask.astype(np.uint8)))
+                dets.append({"score": 0.9, "box": list(scene.objects[k].box),
+                             "mask": {"format": "rle", "size": list(scene.size), "counts": rle["counts"].decode()}})
+            if absent_noise and not dets and scene.objects:
+                rle = mask_utils.encode(np.asfortranarray(scene.objects[0].mask.astype(np.uint8)))
+                dets.append({"score": 0.6, "box": [0, 0, 1, 1],
+                             "mask": {"format": "rle", "size": list(scene.size), "counts": rle["counts"].decode()}})
+            results.append({"prompt": prompt, "detections": dets})
+        return {"results": results}
+
+    return segment
+
+
+def test_ground_truth_answers_score_perfectly(heldout) -> None:
+    doc = evaluate(_oracle(heldout), load_dataset(heldout))
+    overall = doc["overall"]
+    assert overall["recall"] == 1.0 and overall["precision"] == 1.0 and overall["mean_iou"] == 1.0
+    assert overall["absent_with_detection"] == 0.0 and overall["ap"] == pytest.approx(100.0, abs=0.5)
+    assert "circle" in doc["dataset"]["prompts"] and "red circle" in doc["dataset"]["prompts"]
+    assert all(goal["met"] for goal in doc["goals"])
+
+
+def test_missed_objects_and_answers_to_absent_prompts_are_counted(heldout) -> None:
+    dataset = load_dataset(heldout)
+    missed = evaluate(_oracle(heldout, drop_every=4), dataset)["overall"]
+    assert 0.7 < missed["recall"] < 0.8 and missed["precision"] == 1.0
+    noisy = evaluate(_oracle(heldout, absent_noise=True), dataset)["overall"]
+    assert noisy["absent_with_detection"] == 1.0 and noisy["precision"] < 0.5 and noisy["recall"] == 1.0
+
+
+def test_cli_rejects_missing_inputs(tmp_path, capsys) -> None:
+    assert bench_main(["accuracy", "--bundle", str(tmp_path / "nope"), "--scenes", "2"]) == 2
+    assert "bundle not found" in capsys.readouterr().err
+    assert bench_main(["accuracy", "--bundle", str(tmp_path), "--dataset", str(tmp_path / "nope")]) == 2
+
+
+# ------------------------------------------------------------------------------ shipped model
+@pytest.fixture(scope="module")
+def shipped_report(shapes_bundle, heldout) -> dict:
+    segment, model = pipeline_segmenter(shapes_bundle, "onnxruntime")
+    return evaluate(segment, load_dataset(heldout))
+
+
+def test_shipped_model_segments_the_held_out_scenes(shipped_report) -> None:
+    overall = shipped_report["overall"]
+    assert bound_failures(overall) == [], overall
+    assert overall["true_positives"] > 0, overall
+
+
+def test_the_same_check_fails_on_perturbed_weights(shapes_bundle, heldout, tmp_path) -> None:
+    """The bounds can fail: the same bundle with noise on its decoder weights does not clear them."""
+    import onnx
+    from onnx import numpy_helper
+
+    broken = tmp_path / "perturbed"
+    shutil.copytree(shapes_bundle, broken)
+    bundle = Bundle(broken)
+    path = bundle.part_path("decoder")
+    graph = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    for init in graph.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype == np.float32 and array.size > 64:
+            noisy = array + rng.normal(0, 0.5 * float(array.std()) + 1e-3, array.shape).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+    onnx.save(graph, str(path))
+    from dataclasses import replace
+
+    manifest = bundle.manifest
+    parts = dict(manifest.parts)
+    parts["decoder"] = replace(parts["decoder"], sha256=sha256_file(path), weights_sha256="perturbed")
+    write_manifest(broken, replace(manifest, parts=parts))
+    segment, _ = pipeline_segmenter(broken, "onnxruntime")
+    overall = evaluate(segment, load_dataset(heldout), AccuracyConfig(limit=10))["overall"]
+    assert bound_failures(overall), f"perturbed weights still clear the bounds: {overall}"
+
+
+def test_served_model_answers_as_the_pipeline(shapes_bundle, heldout, tmp_path) -> None:
+    from tests.server.conftest import ServerProcess
+
+    server = ServerProcess(shapes_bundle, env={"SAM3_MAX_PROMPTS": "32"}, log_dir=tmp_path).wait_ready()
+    try:
+        segment, _ = http_segmenter(server.url)
+        served = evaluate(segment, load_dataset(heldout), AccuracyConfig(limit=6))
+    finally:
+        server.stop()
+    segment, _ = pipeline_segmenter(shapes_bundle, "onnxruntime")
+    local = evaluate(segment, load_dataset(heldout), AccuracyConfig(limit=6))
+    assert served["overall"] == local["overall"]
+    assert served["per_prompt"] == local["per_prompt"]
+
+
+def test_star_adapter_finds_the_stars_the_base_misses(shapes_bundle, star_bundle, star_scenes) -> None:
+    """The LoRA merged at export teaches 'star' (measured on 100 scenes: star mask AP 0 -> 13;
+    the goal of recall >= 0.85 is missed with the rest of the model's goals)."""
+    dataset = load_dataset(star_scenes)
+    base = evaluate(pipeline_segmenter(shapes_bundle, "onnxruntime")[0], dataset)["groups"]["star"]
+    merged = evaluate(pipeline_segmenter(star_bundle, "onnxruntime")[0], dataset)["groups"]["star"]
+    assert base["ap"] <= 2.0 and base["true_positives"] == 0, base
+    assert merged["ap"] >= base["ap"] + 5.0, (base, merged)
+    manifest = Bundle(star_bundle).manifest
+    assert "star" in manifest.card["vocabulary"] and manifest.source.loras
+    assert manifest.part("image_encoder").weights_sha256 == Bundle(shapes_bundle).part("image_encoder").weights_sha256
