@@ -47,7 +47,7 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# Retrain the shipped models (not in CI): ~85 min + ~15 min on 2 CPU cores; --resume continues.
+# Retrain the shipped models (not in CI): ~65 min + ~15 min on one CPU core; --resume continues.
 train: venv
 	$(PY) -m training base --out $(SHAPES_MODEL)
 
