@@ -58,6 +58,12 @@ _CONTROL_CHARS = dict.fromkeys(
      *range(0xFFF9, 0xFFFD)]
 )  # fmt: skip
 _WHITESPACE_RE = re.compile(r"\s+")
+# C0 controls other than tab, line feed, form feed and carriage return, and DEL: a prompt holding
+# one is refused (they are not text; ESC would start an ANSI sequence the cleaning deletes).
+REJECTED_CHARS = "\x00-\x08\x0b\x0e-\x1f\x7f"
+_REJECTED_RE = re.compile(f"[{REJECTED_CHARS}]")
+# What the cleaning deletes without a trace besides whitespace: a prompt needs one other character.
+INVISIBLE_CHARS = REJECTED_CHARS + "\u206a-\u206f\ufeff\ufff9-\ufffc"
 
 
 def _fix_text(text: str) -> str:
@@ -154,10 +160,15 @@ class PromptTokenizer:
                 raise InvalidPrompt(f"prompt {i} is {type(prompt).__name__}, not a string")
             if self.max_chars is not None and len(prompt) > self.max_chars:
                 raise PromptTooLong(f"prompt {i} has {len(prompt)} characters (limit {self.max_chars})")
-            if not prompt.strip():
-                raise InvalidPrompt(f"prompt {i} is empty or whitespace only")
-            if "\x00" in prompt:
-                raise InvalidPrompt(f"prompt {i} contains a NUL character")
+            control = _REJECTED_RE.search(prompt)
+            if control:
+                raise InvalidPrompt(f"prompt {i} contains the control character U+{ord(control.group()):04X}")
+            # Judged as the text encoder will read it: "&nbsp;", a no-break space or a BOM alone
+            # are empty prompts too.
+            if not clean_prompt(prompt):
+                raise InvalidPrompt(
+                    f"prompt {i} ({prompt[:24]!r}) is empty or whitespace only (once cleaned as the tokenizer does)"
+                )
         return Prompts(items)
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

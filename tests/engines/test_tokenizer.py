@@ -163,6 +163,12 @@ def test_hash_and_batch(prompt_tokenizer: PromptTokenizer, tokenizer_bundle) -> 
         ([], InvalidPrompt),
         ([""], InvalidPrompt),
         (["   \t\n"], InvalidPrompt),
+        # Empty once cleaned as the tokenizer cleans (no-break spaces, entities, BOM), controls.
+        (["\u00a0\u2003 "], InvalidPrompt),
+        (["&nbsp;&#32;"], InvalidPrompt),
+        (["\ufeff"], InvalidPrompt),
+        (["cat\x00"], InvalidPrompt),
+        (["a\x1b[1mcat"], InvalidPrompt),
         (["cat", None], InvalidPrompt),
         ([b"cat"], InvalidPrompt),
         ("cat", InvalidPrompt),
