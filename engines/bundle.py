@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import tempfile
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -256,12 +258,59 @@ class Manifest:
                 export=dict(data.get("export", {})),
                 card=dict(data.get("card", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"manifest is malformed: {exc!r}") from exc
         missing = [p for p in PART_NAMES if p not in manifest.parts]
         if missing:
             raise BundleError(f"manifest lacks parts {missing}")
+        _check_types(manifest, "manifest")
         return manifest
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """Every field of a manifest dataclass has its annotated type: a mistyped manifest is one
+    clear BundleError at load, not a TypeError in the middle of a request."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_value(getattr(obj, f.name), hints[f.name], f"{where}.{f.name}")
+
+
+def _check_value(value: Any, hint: Any, where: str) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _check_value(value, option, where)
+            except BundleError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise BundleError(f"{where} must be an object, got {value!r}")
+        return _check_types(value, where)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise BundleError(f"{where} must be a list, got {value!r}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise BundleError(f"{where} must have {len(items)} items, got {value!r}")
+        for i, (item, item_hint) in enumerate(zip(value, items)):
+            _check_value(item, item_hint, f"{where}[{i}]")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BundleError(f"{where} must be an object, got {value!r}")
+        for key, item in value.items():
+            _check_value(item, args[1], f"{where}.{key}")
+        return
+    expected = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}.get(hint)
+    if expected is None:
+        return
+    if isinstance(value, bool) and hint is not bool or not isinstance(value, expected):
+        raise BundleError(f"{where} must be {hint.__name__}, got {value!r}")
 
 
 class Bundle:
@@ -280,7 +329,10 @@ class Bundle:
             raise BundleError(f"cannot read {manifest_path}: {exc}") from exc
         if not isinstance(data, dict):
             raise BundleError(f"{manifest_path} is not a JSON object")
-        self.manifest = Manifest.from_json(data)
+        try:
+            self.manifest = Manifest.from_json(data)
+        except BundleError as exc:
+            raise BundleError(f"{manifest_path}: {exc}") from exc
         self._check_files(verify_hashes)
 
     def _check_files(self, verify_hashes: bool) -> None:
