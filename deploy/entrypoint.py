@@ -11,7 +11,12 @@
    ``/readyz`` reports ``building_engines``. Two containers sharing the engines volume build
    once: the second blocks on the lock, then runs the builder, which finds the plans the first
    wrote (plans are named by key, so an up-to-date plan is skipped) and returns at once.
-4. The status server is closed and the process ``exec``s the real server (``python -m server``),
+4. The graphs are loaded once, as the server will load them (``python -m server --check``: ONNX
+   Runtime sessions or TensorRT plans, the tokenizer, the manifest's wiring), while ``/readyz``
+   reports ``loading``. A bundle whose files match their sha256 but do not load (a corrupt file
+   hashed as it is, a mistyped manifest) exits with code 2 and the checker's one line, instead of
+   a server that would stay ``failed``.
+5. The status server is closed and the process ``exec``s the real server (``python -m server``),
    which takes the port and reports ``loading`` then ``ready`` on its own ``/readyz``. ``exec``
    (not a child process) so SIGTERM from ``docker stop`` reaches uvicorn's graceful shutdown.
 
@@ -23,8 +28,9 @@ If the TensorRT build fails and ``SAM3_ALLOW_ORT_FALLBACK=1``, the server is sta
 the GPU build of onnxruntime, else the CPU). Without the flag the container exits with code 3 so
 the failure is visible (``docker compose ps`` shows it restarting) rather than silently slow.
 
-The builder and server commands are injectable (``SAM3_ENGINE_BUILD_CMD``, ``SAM3_SERVE_CMD`` or
-``--build-cmd``/``--serve-cmd``) so tests run this logic outside Docker with short commands.
+The builder, checker and server commands are injectable (``SAM3_ENGINE_BUILD_CMD``,
+``SAM3_CHECK_CMD``, ``SAM3_SERVE_CMD`` or ``--build-cmd``/``--check-cmd``/``--serve-cmd``) so tests
+run this logic outside Docker with short commands.
 ``python -m deploy.entrypoint healthcheck`` is the Docker ``HEALTHCHECK``: exit 0 only when the
 server's ``/readyz`` answers 200.
 """
@@ -57,7 +63,7 @@ log = logging.getLogger("sam3.entrypoint")
 # Exit codes: distinct so an operator (or a test) can tell the failures apart from the status.
 EXIT_OK = 0
 EXIT_USAGE = 1  # bad flag/env value, port already taken
-EXIT_BUNDLE = 2  # bundle missing, malformed or corrupt
+EXIT_BUNDLE = 2  # bundle missing, malformed, corrupt or not loadable
 EXIT_BUILD = 3  # engine build failed and the ORT fallback is not allowed
 EXIT_ENGINES_DIR = 4  # engines directory cannot be created or written
 EXIT_SIGNAL = 143  # stopped by SIGTERM/SIGINT before serving (128 + 15, like a shell)
@@ -90,6 +96,7 @@ ENTRYPOINT_ENV = (
     "SAM3_BUILD_WORKSPACE_MB",  # builder --workspace-mb (Orin Nano: lower it if the build OOMs)
     "SAM3_BUILD_LOCK_TIMEOUT_S",  # give up waiting for another container's build (default: wait)
     "SAM3_ENGINE_BUILD_CMD",  # replaces `python -m engines build ...` (tests, custom builders)
+    "SAM3_CHECK_CMD",  # replaces `python -m server --check ...` (tests)
     "SAM3_SERVE_CMD",  # replaces `python -m server ...` (tests)
 )
 
@@ -109,6 +116,7 @@ class Config:
     allow_ort_fallback: bool = False
     lock_timeout_s: float | None = None
     build_cmd: list[str] | None = None
+    check_cmd: list[str] | None = None
     serve_cmd: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -126,6 +134,7 @@ class Config:
         parser.add_argument("--precision", default=env.get("SAM3_PRECISION", "fp16"), choices=PRECISIONS)
         parser.add_argument("--workspace-mb", type=int, default=_int(env, "SAM3_BUILD_WORKSPACE_MB", None))
         parser.add_argument("--build-cmd", default=env.get("SAM3_ENGINE_BUILD_CMD"))
+        parser.add_argument("--check-cmd", default=env.get("SAM3_CHECK_CMD"))
         parser.add_argument("--serve-cmd", default=env.get("SAM3_SERVE_CMD"))
         args = parser.parse_args(argv)
         if args.command == "healthcheck":
@@ -146,6 +155,7 @@ class Config:
             allow_ort_fallback=_truthy(env.get("SAM3_ALLOW_ORT_FALLBACK", "")),
             lock_timeout_s=float(timeout) if timeout else None,
             build_cmd=shlex.split(args.build_cmd) if args.build_cmd else None,
+            check_cmd=shlex.split(args.check_cmd) if args.check_cmd else None,
             serve_cmd=shlex.split(args.serve_cmd) if args.serve_cmd else None,
             env=dict(env),
         )
@@ -160,6 +170,15 @@ class Config:
         if self.workspace_mb:
             cmd += ["--workspace-mb", str(self.workspace_mb)]
         return cmd
+
+    def check_command(self, backend: str) -> list[str] | None:
+        """``python -m server ... --check``; None when the server command is replaced (tests) and
+        no checker is given: there is no real server to load the graphs with."""
+        if self.check_cmd:
+            return list(self.check_cmd)
+        if self.serve_cmd:
+            return None
+        return [*self.server_command(backend), "--check"]
 
     def server_command(self, backend: str) -> list[str]:
         if self.serve_cmd:
@@ -297,7 +316,7 @@ class Entrypoint:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.status: StatusServer | None = None
-        self._child: subprocess.Popen[bytes] | None = None
+        self._child: subprocess.Popen[Any] | None = None
         self._stopping = False
 
     # The container's PID 1 (under `init: true`, its only child): without a handler Python
@@ -328,7 +347,10 @@ class Entrypoint:
             self._close_status()
             return code
         self.status.set(LOADING)
+        code = self.check(backend)
         self._close_status()
+        if code != EXIT_OK:
+            return code
         cmd = cfg.server_command(backend)
         log.info("serving: %s", shlex.join(cmd))
         sys.stdout.flush()
@@ -423,6 +445,33 @@ class Entrypoint:
         plans = sorted(p.name for p in cfg.engines_dir.glob("*.plan"))
         log.info("engines ready after %.1f s in %s: %s", elapsed, cfg.engines_dir, ", ".join(plans) or "none")
         return EXIT_OK, cfg.backend
+
+    def check(self, backend: str) -> int:
+        """Load the graphs as the server will (``python -m server --check``), in a child process
+        that exits before the server starts: an 8 GB device never holds the model twice."""
+        cmd = self.config.check_command(backend)
+        if cmd is None:
+            log.info("SAM3_SERVE_CMD replaces the server: no graph check")
+            return EXIT_OK
+        log.info("loading the graphs: %s", shlex.join(cmd))
+        child: subprocess.Popen[str] = subprocess.Popen(
+            cmd, env=self.config.child_env(backend), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self._child = child
+        try:
+            out, err = child.communicate()
+            returncode = child.returncode
+        finally:
+            self._child = None
+        if self._stopping:
+            raise SystemExit(EXIT_SIGNAL)
+        if returncode == 0:
+            log.info("%s", (out.strip().splitlines() or ["graphs loaded"])[-1])
+            return EXIT_OK
+        reason = (err.strip().splitlines() or out.strip().splitlines() or [f"exit code {returncode}"])[-1]
+        code, _ = self._fail(EXIT_BUNDLE, f"the bundle at {self.config.bundle} does not load: {reason}")
+        return code
 
     def _run_builder(self) -> int:
         cfg = self.config

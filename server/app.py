@@ -10,20 +10,30 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import numpy as np
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from engines.errors import BundleError
 from engines.options import Limits, SegmentOptions
 from engines.types import ImageEmbedding, LoadedImage, TextEmbedding
+from server.auth import ApiKeys
 from server.cache import EmbeddingCache, TextCache
 from server.demo import router as demo_router
 from server.errors import install_error_handler
 from server.metrics import Metrics
-from server.middleware import BodyLimitMiddleware, MetricsMiddleware
+from server.image_ids import ImageIds, load_secret
+from server.middleware import (
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    CORSMiddleware,
+    MetricsMiddleware,
+    TrustedHostMiddleware,
+)
 from server.routes import api, probes, stage_calls
+from server.schemas import request_bodies
 from server.service import SegmentService
 from server.settings import Settings
 from server.triton import triton_backend_options
@@ -77,8 +87,14 @@ def warm_up(pipeline: Sam3Pipeline) -> None:
     pipeline.segment(image, ["warm up"], SegmentOptions(score_threshold=1.0, max_detections=1))
 
 
-def create_app(settings: Settings, pipeline_factory: PipelineFactory[Sam3Pipeline] | None = None) -> FastAPI:
-    """Build the app. ``pipeline_factory`` is injectable so tests can run the server without a GPU."""
+def create_app(
+    settings: Settings,
+    pipeline_factory: PipelineFactory[Sam3Pipeline] | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app. ``pipeline_factory`` is injectable so tests can run the server without a GPU;
+    ``on_load_failure(message)`` is called (on the worker thread) if the bundle cannot be loaded
+    (``python -m server`` then exits with that one line)."""
     metrics = Metrics()
     text_cache: TextCache[TextEmbedding] = TextCache(settings.text_cache_entries)
     build = pipeline_factory or (lambda on_state: load_pipeline(settings, on_state))
@@ -94,9 +110,10 @@ def create_app(settings: Settings, pipeline_factory: PipelineFactory[Sam3Pipelin
         queue_size=settings.queue_size,
         warmup=warm_up if settings.warmup else None,
         concurrency=settings.triton_concurrency if settings.backend == "triton" else 1,
+        on_failed=on_load_failure,
     )
     image_cache: EmbeddingCache[ImageEmbedding] = EmbeddingCache(settings.cache_bytes, lambda e: e.nbytes)
-    service = SegmentService(settings, worker, image_cache, text_cache, metrics)
+    service = SegmentService(settings, worker, image_cache, text_cache, metrics, ImageIds(load_secret(settings)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -107,6 +124,7 @@ def create_app(settings: Settings, pipeline_factory: PipelineFactory[Sam3Pipelin
             # uvicorn has already stopped accepting connections and waited for open requests;
             # jobs still queued run to completion before the thread ends.
             await worker.stop(settings.shutdown_timeout_s)
+            service.cpu.close()
 
     app = FastAPI(
         title="SAM3 edge segmentation",
@@ -118,6 +136,7 @@ def create_app(settings: Settings, pipeline_factory: PipelineFactory[Sam3Pipelin
     app.state.worker = worker
     app.state.service = service
     app.state.metrics = metrics
+    app.state.api_keys = ApiKeys(settings)
 
     def snapshot() -> dict[str, object]:
         return {
@@ -128,13 +147,68 @@ def create_app(settings: Settings, pipeline_factory: PipelineFactory[Sam3Pipelin
             "image_cache": image_cache.stats().to_json(),
             "text_cache": text_cache.stats(),
             "stage_calls": stage_calls(service),
-        }
+            "admission": {"in_flight": service.in_flight, "capacity": settings.queue_size,
+                          "decoding": service.decoding, "decode_slots": settings.decode_concurrency},
+        }  # fmt: skip
 
     metrics.add_state_collector(snapshot)
     install_error_handler(app)
     app.include_router(api)
     app.include_router(probes)
     app.include_router(demo_router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes_of=lambda: settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes_of=lambda: settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+    )
+    # Same origin only unless origins are listed: a refused preflight is a 400 with the usual body.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["X-API-Key", "Content-Type", "X-Image-Id"],
+        expose_headers=["Retry-After"],
+        max_age=600,
+    )
+    if settings.trusted_hosts:
+        app.add_middleware(TrustedHostMiddleware, hosts=settings.trusted_hosts)
+    app.add_middleware(AdmissionMiddleware, full=service.refusal)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _document(app, settings)
     return app
+
+
+# The operations an API key opens (server/auth.py), as /openapi.json lists them.
+_KEYED = {("/segment", "post"), ("/embed", "post"), ("/embeddings/{image_id}", "delete"), ("/info", "get")}
+
+
+def _document(app: FastAPI, settings: Settings) -> None:
+    """/openapi.json as this server is configured: its limits in the request schemas
+    (server/schemas.py), and the X-API-Key requirement exactly where keys are checked."""
+    bodies = request_bodies(
+        max_upload_bytes=settings.max_upload_bytes,
+        max_prompts=settings.max_prompts,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_detections=settings.max_detections,
+        content_types=settings.allowed_content_types,
+    )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            for path, name in (("/segment", "segment"), ("/embed", "embed")):
+                schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": bodies[name]}
+            keyed = set(_KEYED) | ({("/metrics", "get")} if settings.metrics_need_key else set())
+            if settings.keys():
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+                }
+                for path, method in keyed:
+                    schema["paths"][path][method]["security"] = [{"ApiKey": []}]
+            else:  # no key configured: nobody gets a 401
+                for path, method in keyed:
+                    schema["paths"][path][method].get("responses", {}).pop("401", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -14,9 +14,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engines.errors import (
     BackendUnavailable,
@@ -59,6 +60,13 @@ class UnsupportedMediaType(InvalidInput):
     code = "unsupported_media_type"
 
 
+class InvalidField(InvalidInput):
+    """A body that parses but breaks the documented schema in a way the models cannot say
+    (exactly one of image/image_id, an unknown form field): as a schema violation, 422."""
+
+    code = "validation_error"
+
+
 class BadRequest(InvalidInput):
     """A body that cannot be parsed at all (malformed multipart, bad base64, bad JSON)."""
 
@@ -82,6 +90,24 @@ class NotReady(ServerError):
     headers = {"Retry-After": "5"}
 
 
+class RequestTimeout(InvalidInput):
+    """The body did not arrive within SAM3_BODY_TIMEOUT_S: the connection is closed."""
+
+    code = "request_timeout"
+    headers = {"Connection": "close"}
+
+
+class UntrustedHost(InvalidInput):
+    """A Host header outside SAM3_TRUSTED_HOSTS."""
+
+    code = "untrusted_host"
+
+
+# What the metrics record for a request whose client went away before it was answered (nginx's
+# 499): never counted as a server error.
+CLIENT_CLOSED = 499
+
+
 # Every typed error's HTTP status, in one place.
 HTTP_STATUS: dict[type[Sam3Error], int] = {
     Sam3Error: 500,
@@ -95,6 +121,7 @@ HTTP_STATUS: dict[type[Sam3Error], int] = {
     ImageTooLarge: 413,
     UnsupportedImageType: 415,
     BadRequest: 400,
+    InvalidField: 422,
     Unauthorized: 401,
     ImageNotCached: 404,
     PayloadTooLarge: 413,
@@ -102,6 +129,8 @@ HTTP_STATUS: dict[type[Sam3Error], int] = {
     QueueFull: 429,
     NotReady: 503,
     DeadlineExceeded: 504,
+    RequestTimeout: 408,
+    UntrustedHost: 400,
 }
 
 
@@ -129,6 +158,10 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
         headers = dict(getattr(exc, "headers", {}) or {})
         if status >= 500:
             log.error("%s on %s %s: %s", code, request.method, request.url.path, message)
+    elif isinstance(exc, ValidationError) and any(e.get("type") == "json_invalid" for e in exc.errors()):
+        # Not JSON at all (syntax, bad UTF-8): a malformed body, as a malformed multipart one.
+        status, code = 400, "bad_request"
+        message = "malformed JSON body: " + "; ".join(str(e.get("msg", "")) for e in exc.errors())
     elif isinstance(exc, (RequestValidationError, ValidationError)):
         status, code = 422, "validation_error"
         errors = exc.errors()
@@ -147,6 +180,16 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
 
 
+async def client_closed(request: Request, exc: Exception) -> Response:
+    """The client went away mid-request (an aborted upload): one info line, status 499 in the
+    metrics, nothing sent (there is nobody to send it to)."""
+    log.info("client closed the connection during %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED)
+
+
 def install_error_handler(app: FastAPI) -> None:
     for exc_type in (Sam3Error, RequestValidationError, ValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, error_response)
+    # Handled by Starlette's ExceptionMiddleware (not its ServerErrorMiddleware, which would log
+    # a traceback and re-raise for uvicorn to log another): a disconnect is not a server error.
+    app.add_exception_handler(ClientDisconnect, client_closed)

@@ -36,7 +36,7 @@ class Metrics:
         )
         self.rejected = Counter(
             "sam3_rejected_requests_total",
-            "Requests refused for capacity or time: queue_full (429), deadline (504).",
+            "Requests refused or cut short: queue_full (429), deadline (504), body_timeout (408), client_closed (499).",
             ("reason",),
             registry=self.registry,
         )
@@ -64,6 +64,12 @@ class _StateCollector(Collector):
         snap = self._read()
         yield _gauge("sam3_queue_depth", "Jobs waiting for or running on the inference worker.", snap["queue_depth"])
         yield _gauge("sam3_queue_capacity", "Bound of the inference queue.", snap["queue_capacity"])
+        admission = snap.get("admission")
+        if admission:
+            yield _gauge("sam3_requests_in_progress", "Admitted requests (SAM3_QUEUE_SIZE bounds them).",
+                         admission["in_flight"])
+            yield _gauge("sam3_decodes_in_progress", "Decoded images alive (SAM3_DECODE_CONCURRENCY bounds them).",
+                         admission["decoding"])
         state = GaugeMetricFamily("sam3_state", "Server state (1 for the current one).", labels=["state"])
         for name in snap["states"]:
             state.add_metric([name], 1.0 if name == snap["state"] else 0.0)

@@ -7,11 +7,10 @@ mapped by the one handler in server/errors.py.
 
 from __future__ import annotations
 
-import hmac
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -19,7 +18,9 @@ from pydantic import BaseModel
 from engines.bundle import Manifest
 from engines.options import SegmentOptions
 from server.bodies import read_embed_request, read_segment_request
-from server.errors import Unauthorized, error_body
+from server.auth import require_api_key, require_metrics_key
+from server.errors import error_body
+from server.image_ids import ID_PATTERN
 from server.schemas import (
     DeleteResponse,
     EmbedJSON,
@@ -39,7 +40,7 @@ from server.settings import Settings
 from server.triton import backend_unavailable
 from server.worker import InferenceWorker
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = FilePath(__file__).parent / "static"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -47,6 +48,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Malformed body",
         401: "Missing or wrong X-API-Key",
         404: "image_not_cached",
+        408: "The body did not arrive within SAM3_BODY_TIMEOUT_S",
         413: "Upload or image too large",
         415: "Unsupported content type",
         422: "Invalid prompt, option or image",
@@ -87,16 +89,6 @@ def get_worker(request: Request) -> InferenceWorker[Any]:
     return worker
 
 
-def require_api_key(request: Request) -> None:
-    """Off unless SAM3_API_KEY is set; constant-time compare so timing leaks nothing."""
-    expected = get_settings(request).api_key
-    if expected is None:
-        return
-    given = request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.get_secret_value().encode()):
-        raise Unauthorized("missing or wrong X-API-Key")
-
-
 api = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
 probes = APIRouter()
 
@@ -114,19 +106,21 @@ async def segment(
     request: Request,
     service: SegmentService = Depends(get_service),
     settings: Settings = Depends(get_settings),
+    namespace: str = Depends(require_api_key),
 ) -> dict[str, Any]:
-    body = await read_segment_request(request, settings)
-    chosen = body.options
-    options = SegmentOptions(
-        score_threshold=chosen.score_threshold,
-        mask_threshold=chosen.mask_threshold,
-        max_detections=chosen.max_detections,  # None: the server's cap (SAM3_MAX_DETECTIONS)
-        with_masks=chosen.mask_format != "none",
-    )
-    done = await service.segment(
-        data=body.data, image_id=body.image_id, prompts=body.prompts, options=options,
-        mask_format=chosen.mask_format,
-    )  # fmt: skip
+    async with service.admit():  # before the body is read: a full server reads nothing
+        body = await read_segment_request(request, settings, service.cpu)
+        chosen = body.options
+        options = SegmentOptions(
+            score_threshold=chosen.score_threshold,
+            mask_threshold=chosen.mask_threshold,
+            max_detections=chosen.max_detections,  # None: the server's cap (SAM3_MAX_DETECTIONS)
+            with_masks=chosen.mask_format != "none",
+        )
+        done = await service.segment(
+            data=body.data, image_id=body.image_id, prompts=body.prompts, options=options,
+            mask_format=chosen.mask_format, namespace=namespace,
+        )  # fmt: skip
     # A dict, validated once against SegmentResponse by FastAPI on the way out (a model built
     # here would be validated twice: masks make this body the largest the server sends).
     return {
@@ -149,16 +143,22 @@ async def embed(
     request: Request,
     service: SegmentService = Depends(get_service),
     settings: Settings = Depends(get_settings),
+    namespace: str = Depends(require_api_key),
 ) -> EmbedResponse:
-    done = await service.embed(await read_embed_request(request, settings))
+    async with service.admit():
+        done = await service.embed(await read_embed_request(request, settings, service.cpu), namespace)
     return EmbedResponse.model_validate(
         {"image_id": done.image_id, "image_size": done.image_size._asdict(), "cached": done.cached}
     )
 
 
 @api.delete("/embeddings/{image_id}", response_model=DeleteResponse, summary="Drop an image embedding from the cache")
-async def delete_embedding(image_id: str, service: SegmentService = Depends(get_service)) -> DeleteResponse:
-    service.delete(image_id)
+async def delete_embedding(
+    image_id: str = Path(..., pattern=ID_PATTERN, description="An image_id this API key received."),
+    service: SegmentService = Depends(get_service),
+    namespace: str = Depends(require_api_key),
+) -> DeleteResponse:
+    service.delete(image_id, namespace)
     return DeleteResponse(image_id=image_id, deleted=True)
 
 
@@ -177,6 +177,11 @@ async def info(
             "cache": {**service.image_cache.stats().to_json(), "dtype": service.cache_dtype()},
             "text_cache": service.text_cache.stats(),
             "queue": {"capacity": worker.queue_size, "depth": worker.depth},
+            "admission": {
+                "capacity": settings.queue_size, "in_flight": service.in_flight,
+                "decode_slots": settings.decode_concurrency, "decoding": service.decoding,
+                "decoding_peak": service.decoding_peak,
+            },  # fmt: skip
             "worker": {k: v for k, v in vars(worker.stats).items() if k != "extra"},
             "limits": {
                 "max_upload_bytes": settings.max_upload_bytes,
@@ -184,6 +189,7 @@ async def info(
                 "max_prompts": settings.max_prompts,
                 "max_prompt_chars": settings.max_prompt_chars,
                 "max_detections": settings.max_detections,
+                "max_masks": settings.max_masks,
                 "request_timeout_s": settings.request_timeout_s,
                 "allowed_content_types": list(settings.allowed_content_types),
             },
@@ -254,7 +260,14 @@ async def readyz(worker: InferenceWorker[Any] = Depends(get_worker)) -> ReadyRes
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
 
 
-@probes.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@probes.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    dependencies=[Depends(require_metrics_key)],
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+               401: {"model": ErrorResponse, "description": "SAM3_METRICS_NEED_KEY: missing or wrong X-API-Key"}},
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -7,11 +7,13 @@ bounds come from ``engines.options`` (one set of limits for the pipeline, the CL
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engines.options import MIN_DETECTIONS, THRESHOLD_MAX, THRESHOLD_MIN
+from engines.tokenizer import INVISIBLE_CHARS, REJECTED_CHARS
+from server.image_ids import ID_PATTERN
 
 MaskFormat = Literal["rle", "png", "polygon", "none"]
 
@@ -36,12 +38,21 @@ class SegmentOptionsModel(BaseModel):
     )
     mask_format: MaskFormat = "rle"
 
+    @field_validator("max_detections", mode="before")
+    @classmethod
+    def _integral_number(cls, value: object) -> object:
+        # JSON Schema's "integer" is any number without a fraction: 32.0 is 32 (strict mode
+        # would refuse it), "32" and true stay refused.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
 
 class SegmentJSON(SegmentOptionsModel):
     """JSON form of POST /segment: exactly one of ``image`` (base64) or ``image_id``."""
 
     image: str | None = Field(None, description="Base64 image bytes (a data: URL prefix is accepted).")
-    image_id: str | None = Field(None, description="sha256 of an image already embedded (POST /embed or /segment).")
+    image_id: str | None = Field(None, description="The image_id of an image already embedded (POST /embed or /segment).")
     prompts: list[str] = Field(..., description="Text prompts; one result per prompt, in order.")
 
 
@@ -67,6 +78,100 @@ class EmbedMultipart(BaseModel):
     """Multipart form of POST /embed (for the OpenAPI document, as SegmentMultipart)."""
 
     image: bytes = Field(..., json_schema_extra={"format": "binary"})
+
+
+def request_bodies(
+    *,
+    max_upload_bytes: int,
+    max_prompts: int,
+    max_prompt_chars: int,
+    max_detections: int,
+    content_types: tuple[str, ...],
+) -> dict[str, dict[str, Any]]:
+    """The ``requestBody`` of POST /segment and /embed with this server's limits: exactly what
+    server/bodies.py accepts (schemathesis checks both ways: tests/server/test_schemathesis.py).
+
+    What a schema cannot say is said in words and keywords a fuzzer can be taught: ``image`` must
+    be an image (``contentMediaType: image/*``; the accepted part types in its description)."""
+    b64_max = 4 * -(-max_upload_bytes // 3)
+    prompt = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": max_prompt_chars,
+        # No control characters, and something besides whitespace and what the tokenizer's
+        # cleaning deletes (engines/tokenizer.py); HTML entities of whitespace are empty too.
+        "pattern": f"^[^{REJECTED_CHARS}]*[^\\s{INVISIBLE_CHARS}][^{REJECTED_CHARS}]*$",
+        "description": "A text prompt; the whitespace-only ones (no-break spaces, &nbsp; included) are refused.",
+    }
+    prompts = {"type": "array", "items": prompt, "minItems": 1, "maxItems": max_prompts}
+    image_id = {
+        "type": "string",
+        "pattern": ID_PATTERN,
+        "description": "An image_id this API key received from POST /segment or /embed.",
+    }
+    threshold = {"type": "number", "minimum": THRESHOLD_MIN, "maximum": THRESHOLD_MAX}
+    options: dict[str, dict[str, Any]] = {
+        "score_threshold": {**threshold, "default": 0.5, "description": "Keep detections scoring at least this."},
+        "mask_threshold": {**threshold, "default": 0.5, "description": "Mask probability cut-off."},
+        "max_detections": {
+            "type": "integer", "minimum": MIN_DETECTIONS, "maximum": max_detections,
+            "description": "Detections per prompt (default: the cap; with P prompts at most SAM3_MAX_MASKS // P).",
+        },
+        "mask_format": {"type": "string", "enum": list(get_args(MaskFormat)), "default": "rle"},
+    }  # fmt: skip
+    image_media = "image/*"
+    accepted = ", ".join(content_types)
+    file_part = {"type": "string", "format": "binary", "contentMediaType": image_media, "maxLength": max_upload_bytes,
+                 "description": f"The image file (JPEG, PNG, WebP, BMP, TIFF); its part's Content-Type one of {accepted}."}
+    b64_image = {
+        "type": "string", "format": "byte", "contentEncoding": "base64", "contentMediaType": image_media,
+        "minLength": 4, "maxLength": b64_max,
+        "description": "The image file, base64 (a data: URL prefix is accepted).",
+    }  # fmt: skip
+    # Exactly one of the two; in JSON a null one counts as absent.
+    exactly_one_field = [{"required": ["image"]}, {"required": ["image_id"]}]
+    exactly_one = [
+        {"required": ["image"], "properties": {"image": {"type": "string"}}},
+        {"required": ["image_id"], "properties": {"image_id": {"type": "string"}}},
+    ]
+    nullable = {"anyOf": [{"type": "null"}]}
+
+    def or_null(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"anyOf": [schema, *nullable["anyOf"]]}
+
+    return {
+        "segment": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object", "additionalProperties": False,
+                    # One prompt field is a string; repeated, they are the list.
+                    "properties": {"image": file_part, "image_id": image_id,
+                                   "prompt": {"anyOf": [prompt, prompts]}, **options},
+                    "required": ["prompt"], "oneOf": exactly_one_field,
+                },
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {
+                        "image": or_null(b64_image), "image_id": or_null(image_id), "prompts": prompts,
+                        **options, "max_detections": or_null(options["max_detections"]),
+                    },
+                    "required": ["prompts"], "oneOf": exactly_one,
+                },
+            },
+        },
+        "embed": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "additionalProperties": False,
+                           "properties": {"image": file_part}, "required": ["image"]},
+            },
+            "application/json": {
+                "schema": {"type": "object", "additionalProperties": False,
+                           "properties": {"image": b64_image}, "required": ["image"]},
+            },
+        },
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +236,7 @@ class ModelOut(_Response):
 
 
 class SegmentResponse(_Response):
-    image_id: str = Field(..., description="sha256 hex of the image bytes.")
+    image_id: str = Field(..., description="The image's id for this API key: a keyed hash of its bytes (64 hex digits).")
     image_size: ImageSizeOut
     cache_hit: bool
     results: list[PromptResultOut]
@@ -197,6 +302,14 @@ class QueueOut(_Response):
     depth: int
 
 
+class AdmissionOut(_Response):
+    capacity: int = Field(..., description="SAM3_QUEUE_SIZE: requests in progress at most.")
+    in_flight: int
+    decode_slots: int = Field(..., description="SAM3_DECODE_CONCURRENCY: decoded images alive at most.")
+    decoding: int
+    decoding_peak: int = Field(..., description="Most decoded images alive at once since start.")
+
+
 class WorkerOut(_Response):
     completed: int
     failed: int
@@ -212,6 +325,7 @@ class LimitsOut(_Response):
     max_prompts: int
     max_prompt_chars: int
     max_detections: int
+    max_masks: int
     request_timeout_s: float
     allowed_content_types: list[str]
 
@@ -264,6 +378,7 @@ class InfoResponse(_Response):
     cache: CacheOut
     text_cache: TextCacheOut
     queue: QueueOut
+    admission: AdmissionOut
     worker: WorkerOut
     limits: LimitsOut
     stage_calls: dict[str, int]

@@ -1,11 +1,19 @@
 """What a request does, minus HTTP: cache lookups, the worker job, postprocessing.
 
-Routes parse and shape; this module decides where each step runs:
+Routes parse and shape; this module decides where each step runs, and bounds what it holds:
+- admission first (:meth:`SegmentService.admit`): a request takes one of ``SAM3_QUEUE_SIZE``
+  slots before its body is read and keeps it until answered; a full server answers 429 at once;
 - hashing and image decoding run in the thread pool (CPU work, not the GPU thread's business);
-  a cache hit on the image's sha256 skips decoding entirely;
-- encode_image / encode_text / decode run as ONE job on the inference worker (GPU-bound);
-- mask encoding (RLE/PNG/polygon) runs in the thread pool again, so the worker is free for
-  the next job while masks are compressed.
+  a cache hit on the image's id skips decoding entirely. At most ``SAM3_DECODE_CONCURRENCY``
+  decoded images exist at once: a decode slot is held from decoding until the job that encodes
+  the image has run;
+- encode_image / encode_text / decode run as ONE job on the inference worker (GPU-bound); the
+  job keeps each detection's low-resolution mask only;
+- mask encoding (RLE/PNG/polygon) runs in the thread pool again, one full-resolution mask at a
+  time (engines/masks.py), so the worker is free for the next job while masks are encoded.
+
+Image ids are keyed by the server's secret and the caller's namespace (server/image_ids.py,
+server/auth.py), and so is the embedding cache.
 
 Everything the server needs to know about the model it asks the pipeline: the limits and the
 checks (``check_prompts``, ``segment_options``), the cache keys (``encoder_key``,
@@ -14,20 +22,21 @@ checks (``check_prompts``, ``segment_options``), the cache keys (``encoder_key``
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
-from anyio import to_thread
 
-from engines.bundle import sha256_bytes
 from engines.errors import InvalidImage
 from engines.options import SegmentOptions
 from engines.postprocess import result_document
 from engines.types import ImageEmbedding, ImageSize, LoadedImage, Prompts, SegmentResult, TextEmbedding
 from server.cache import EmbeddingCache, TextCache
-from server.errors import ImageNotCached, NotReady, PayloadTooLarge
+from server.errors import ImageNotCached, NotReady, PayloadTooLarge, QueueFull
+from server.cpu import CpuWork
+from server.image_ids import ImageIds
 from server.metrics import Metrics
 from server.schemas import RESPONSE_STAGES
 from server.settings import Settings
@@ -36,7 +45,7 @@ from server.worker import InferenceWorker
 if TYPE_CHECKING:  # the worker thread imports the runtime; the HTTP layer only needs its types
     from engines.pipeline import Sam3Pipeline
 
-ImageKey = tuple[str, str]  # (image_id, the image encoder's weights hash)
+ImageKey = tuple[str, str, str]  # (namespace, image_id, the image encoder's weights hash)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class _Encoded:
     image_hit: bool
     result: SegmentResult | None  # None for /embed
     timings: dict[str, float]
+    image_id: str = ""  # the caller's id (keyed by its namespace), set by _encode
 
 
 class _Evicted(Exception):
@@ -89,12 +99,44 @@ class SegmentService:
         image_cache: EmbeddingCache[ImageEmbedding],
         text_cache: TextCache[TextEmbedding],
         metrics: Metrics,
+        ids: ImageIds,
     ) -> None:
         self.settings = settings
         self.worker = worker
         self.image_cache = image_cache
         self.text_cache = text_cache
         self.metrics = metrics
+        self.ids = ids
+        self.in_flight = 0  # admitted requests (reading, decoding, queued, running, encoding)
+        # Decode slots, and the low-priority threads of all CPU work (server/cpu.py).
+        self.cpu = CpuWork(threads=settings.decode_concurrency + 2, decode_slots=settings.decode_concurrency)
+        self.decoding = 0  # decoded images alive now (<= decode_concurrency)
+        self.decoding_peak = 0
+
+    # -- admission ---------------------------------------------------------------------------
+    def refusal(self) -> QueueFull | None:
+        """The 429 a new request gets now, or None if there is a slot (server/middleware.py asks
+        before routing; :meth:`admit` takes the slot)."""
+        if self.in_flight < self.settings.queue_size:
+            return None
+        self.worker.stats.rejected_full += 1
+        return QueueFull(
+            f"server is full ({self.settings.queue_size} requests in progress); retry later",
+            retry_after_s=self.worker.retry_after_s(),
+        )
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """One of ``queue_size`` slots for the whole request, taken before its body is read: a
+        full server refuses at once (429) without reading, hashing or decoding anything."""
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -107,8 +149,8 @@ class SegmentService:
             raise NotReady(f"inference engines are not ready (state: {self.worker.state})")
         return pipeline
 
-    def image_key(self, image_id: str) -> ImageKey:
-        return (image_id, self._ready_pipeline().encoder_key)
+    def image_key(self, namespace: str, image_id: str) -> ImageKey:
+        return (namespace, image_id, self._ready_pipeline().encoder_key)
 
     # -- validation (before any queueing) ----------------------------------------------------
     def check_image_size(self, data: bytes) -> None:
@@ -120,12 +162,12 @@ class SegmentService:
             )
 
     # -- operations --------------------------------------------------------------------------
-    async def embed(self, data: bytes) -> Embedded:
+    async def embed(self, data: bytes, namespace: str = "") -> Embedded:
         """Encode (or find) an image's embedding."""
         self.check_image_size(data)
-        encoded = await self._encode(data, None, prompts=None, options=None)
+        encoded = await self._encode(namespace, data, None, prompts=None, options=None)
         embedding = encoded.embedding
-        return Embedded(embedding.image_id, embedding.image_size, cached=encoded.image_hit)
+        return Embedded(encoded.image_id, embedding.image_size, cached=encoded.image_hit)
 
     async def segment(
         self,
@@ -135,20 +177,25 @@ class SegmentService:
         prompts: Sequence[str],
         options: SegmentOptions,
         mask_format: str,
+        namespace: str = "",
     ) -> Segmented:
         t0 = time.perf_counter()
         # The pipeline's own checks and limits, here in the event loop: a bad request is refused
-        # before it takes a queue slot.
+        # before it costs any work.
         pipeline = self._ready_pipeline()
         clean = pipeline.check_prompts(prompts)
         options = pipeline.segment_options(options)
+        # Prompts x detections is bounded: each prompt keeps at most max_masks // prompts.
+        share = max(1, self.settings.max_masks // len(clean))
+        if options.max_detections is None or options.max_detections > share:
+            options = replace(options, max_detections=share)
         if data is not None:
             self.check_image_size(data)
-        encoded = await self._encode(data, image_id, prompts=clean, options=options)
+        encoded = await self._encode(namespace, data, image_id, prompts=clean, options=options)
         result = encoded.result
         assert result is not None
         t_post = time.perf_counter()
-        document = await to_thread.run_sync(
+        document = await self.cpu.run(
             lambda: result_document(result.image_size, result.results, mask_format=mask_format)
         )
         timings = dict(encoded.timings)
@@ -157,7 +204,7 @@ class SegmentService:
         for stage, ms in timings.items():
             self.metrics.observe_stage(stage, ms / 1e3)
         return Segmented(
-            image_id=encoded.embedding.image_id,
+            image_id=encoded.image_id,
             image_size=encoded.embedding.image_size,
             cache_hit=encoded.image_hit,
             document=document,
@@ -165,8 +212,8 @@ class SegmentService:
             model=self.model_identity(),
         )
 
-    def delete(self, image_id: str) -> None:
-        if not self.image_cache.delete(self.image_key(image_id)):
+    def delete(self, image_id: str, namespace: str = "") -> None:
+        if not self.image_cache.delete(self.image_key(namespace, image_id)):
             raise ImageNotCached(f"image {image_id} is not cached")
 
     def model_identity(self) -> ModelIdentity:
@@ -192,6 +239,7 @@ class SegmentService:
     # -- internals ---------------------------------------------------------------------------
     async def _encode(
         self,
+        namespace: str,
         data: bytes | None,
         image_id: str | None,
         *,
@@ -201,25 +249,42 @@ class SegmentService:
         # Readiness first: hashing or decoding for a server that cannot run is wasted work.
         if self.pipeline is None or self.worker.state != "ready":
             raise NotReady(f"inference engines are not ready (state: {self.worker.state})")
-        pipeline = self.pipeline
-        loaded: LoadedImage | None = None
         if data is not None:
-            image_id = await to_thread.run_sync(sha256_bytes, data)
-            if self.image_key(image_id) not in self.image_cache:
-                loaded = await to_thread.run_sync(lambda: pipeline.load_image(data, image_id=image_id))
+            image_id = await self.cpu.run(self.ids.of, namespace, data)
         assert image_id is not None
-        key = self.image_key(image_id)
-        for _ in range(2):
-            job = self._job(key, loaded, prompts, options, from_bytes=data is not None)
+        key = self.image_key(namespace, image_id)
+        if data is not None and key not in self.image_cache:
+            encoded = await self._run_decoded(key, data, prompts, options)
+        else:
             try:
-                result = await self.worker.run(job, timeout_s=self.settings.request_timeout_s)
-            except _Evicted:
-                loaded = await to_thread.run_sync(lambda: pipeline.load_image(data, image_id=image_id))
-                continue
-            encoded = result.value
-            encoded.timings["queue"] = result.queue_ms
-            return encoded
-        raise ImageNotCached(f"image {image_id} is not cached")  # pragma: no cover - two evictions
+                encoded = await self._run(self._job(key, None, prompts, options, from_bytes=data is not None))
+            except _Evicted:  # cached when looked up, gone when the job ran: decode after all
+                assert data is not None
+                encoded = await self._run_decoded(key, data, prompts, options)
+        encoded.image_id = image_id
+        return encoded
+
+    async def _run_decoded(
+        self, key: ImageKey, data: bytes, prompts: Prompts | None, options: SegmentOptions | None
+    ) -> _Encoded:
+        """Decode under a decode slot, held until the job that encodes the image has run."""
+        pipeline = self._ready_pipeline()
+        async with self.cpu.slots:
+            self.decoding += 1
+            self.decoding_peak = max(self.decoding_peak, self.decoding)
+            try:
+                loaded = await self.cpu.run(lambda: pipeline.load_image(data, image_id=key[1]))
+                job = self._job(key, loaded, prompts, options, from_bytes=True)
+                del loaded  # the job holds the pixels now, and drops them once encoded
+                return await self._run(job)
+            finally:
+                self.decoding -= 1
+
+    async def _run(self, job: Callable[[Sam3Pipeline], _Encoded]) -> _Encoded:
+        result = await self.worker.run(job, timeout_s=self.settings.request_timeout_s)
+        encoded = result.value
+        encoded.timings["queue"] = result.queue_ms
+        return encoded
 
     def _job(
         self,
@@ -230,17 +295,20 @@ class SegmentService:
         from_bytes: bool,
     ) -> Callable[[Sam3Pipeline], _Encoded]:
         image_cache, text_cache = self.image_cache, self.text_cache
+        pixels = [loaded]  # emptied once encoded: the decoded image is not held any longer
 
         def job(pipeline: Sam3Pipeline) -> _Encoded:
-            if loaded is not None:
+            image = pixels.pop() if pixels else None
+            if image is not None:
                 embedding, hit = image_cache.get_or_compute(
-                    key, lambda: self._cacheable(pipeline.encode_image(loaded)))
+                    key, lambda: self._cacheable(pipeline.encode_image(image)))
+                del image
             else:
                 cached = image_cache.get(key)
                 if cached is None:
                     if from_bytes:
                         raise _Evicted()
-                    raise ImageNotCached(f"image {key[0]} is not cached; send the image again")
+                    raise ImageNotCached(f"image {key[1]} is not cached; send the image again")
                 embedding, hit = cached, True
             timings = {"image_encoder": 0.0 if hit else sum(embedding.timings_ms.values())}
             if prompts is None or options is None:

@@ -11,15 +11,24 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engines.options import DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_PROMPTS
+from engines.options import DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_PROMPTS
 
 Backend = Literal["auto", "tensorrt", "onnxruntime", "triton"]
 
 GIB = 1 << 30
 MIB = 1 << 20
+
+
+class ApiKey(BaseModel):
+    """One client: its key, and the name of its namespace (ids, cache entries, metrics)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    key: SecretStr = Field(..., min_length=1)
 
 
 class Settings(BaseSettings):
@@ -61,19 +70,50 @@ class Settings(BaseSettings):
     text_cache_entries: int = Field(1024, ge=0, description="Text-embedding LRU size (prompts).")
 
     api_key: SecretStr | None = Field(None, description="If set, X-API-Key must match (401 otherwise).")
+    # Several clients, each with its own namespace of image ids and cached embeddings
+    # (server/auth.py): "name:key,name2:key2". SAM3_API_KEY is the key of the name "default".
+    api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = Field(
+        (), description="name:key pairs, comma-separated; each name is a separate namespace."
+    )
+    metrics_need_key: bool = Field(False, description="/metrics needs an API key too (when keys are set).")
+    # Image ids are HMAC-SHA256(secret, namespace, bytes): without the secret an id says nothing
+    # about the bytes (server/image_ids.py). Configured (replicas that must agree) or persisted.
+    id_secret: SecretStr | None = Field(None, description="Secret of the keyed image ids (default: persisted file).")
+    id_secret_file: Path | None = Field(
+        None, description="Where the generated id secret is kept (default ~/.local/state/sam3-edge/id-secret)."
+    )
     max_upload_bytes: int = Field(20 * MIB, ge=1, description="Largest image file accepted (413).")
-    # The request limits are the pipeline's (engines.options.Limits): the same defaults.
-    max_megapixels: float = Field(DEFAULT_MAX_MEGAPIXELS, gt=0, description="Largest image, from its header (413).")
+    # The request limits are the pipeline's (engines.options.Limits). The megapixel default is an
+    # 8 GB Orin Nano's (docs/deploy-jetson.md, memory budget): decoding costs ~8 bytes per pixel.
+    max_megapixels: float = Field(24.0, gt=0, description="Largest image, from its header (413).")
     max_prompts: int = Field(DEFAULT_MAX_PROMPTS, ge=1, description="Prompts per request (422 above).")
     max_prompt_chars: int = Field(DEFAULT_MAX_PROMPT_CHARS, ge=1, description="Characters per prompt (422 above).")
     # The pipeline keeps every detection over the threshold; a server answer is capped.
     max_detections: int = Field(100, ge=1, description="Default cap on detections per prompt.")
+    # Prompts x detections: what bounds a request's masks (each kept as its low-resolution
+    # probabilities until encoded: 332 kB at full SAM3 size). Each of P prompts returns at most
+    # min(max_detections, max_masks // P) detections.
+    max_masks: int = Field(256, ge=1, description="Detections (masks) per request, all prompts together.")
+    # Decoded images are the largest transient (8 bytes per pixel at the peak): at most this many
+    # exist at once, from decoding until the image encoder has read them.
+    decode_concurrency: int = Field(2, ge=1, description="Images decoded (and held until encoded) at once.")
+    header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this.")
+    # An admitted request holds its slot while it uploads: a slow sender is cut off after this.
+    body_timeout_s: float = Field(30.0, gt=0, description="A request's body must arrive within this (408 after).")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Origins allowed cross-origin calls (default none: same origin only)."
+    )
+    trusted_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Accepted Host headers (default any); '*.example.com' wildcards."
+    )
     allowed_content_types: Annotated[tuple[str, ...], NoDecode] = Field(
         ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream"),
         description="Declared upload types accepted (415 otherwise); octet-stream is sniffed by the decoder.",
     )
 
-    queue_size: int = Field(16, ge=1, description="Jobs waiting for the inference worker (429 above).")
+    # Admission comes first: a request takes one of these slots before its body is read and keeps
+    # it until answered, so a full server answers 429 at once and never reads the image.
+    queue_size: int = Field(16, ge=1, description="Requests in progress at once (429 above, before reading).")
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (504 after it).")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight work.")
     warmup: bool = Field(True, description="Run one dummy inference before reporting ready.")
@@ -98,15 +138,53 @@ class Settings(BaseSettings):
     def _split_types(cls, value: object) -> object:
         # Env vars carry "image/jpeg,image/png"; JSON lists also work.
         if isinstance(value, str):
-            text = value.strip()
-            items = json.loads(text) if text.startswith("[") else text.split(",")
-            return tuple(str(v).strip().lower() for v in items if str(v).strip())
+            return tuple(v.lower() for v in _split_list(value))
         return value
+
+    @field_validator("cors_origins", "trusted_hosts", mode="before")
+    @classmethod
+    def _split_lists(cls, value: object) -> object:
+        return _split_list(value) if isinstance(value, str) else value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        keys = []
+        for item in _split_list(value):
+            name, sep, key = item.partition(":")
+            if not sep:
+                raise ValueError("SAM3_API_KEYS takes name:key pairs separated by commas")
+            keys.append(ApiKey(name=name.strip(), key=SecretStr(key.strip())))
+        return tuple(keys)
+
+    @model_validator(mode="after")
+    def _keys_are_distinct(self) -> "Settings":
+        keys = self.keys()
+        names = [k.name for k in keys]
+        secrets = [k.key.get_secret_value() for k in keys]
+        if len(set(names)) != len(names) or len(set(secrets)) != len(secrets):
+            raise ValueError("API key names and keys must be distinct (SAM3_API_KEY is the name 'default')")
+        if self.max_masks < self.max_prompts:
+            raise ValueError(f"max_masks ({self.max_masks}) must be at least max_prompts ({self.max_prompts})")
+        return self
+
+    def keys(self) -> tuple[ApiKey, ...]:
+        """Every configured key: SAM3_API_KEY (name "default") and SAM3_API_KEYS."""
+        single = () if self.api_key is None else (ApiKey(name="default", key=self.api_key),)
+        return single + tuple(self.api_keys)
 
     @property
     def max_body_bytes(self) -> int:
         """Request-body bound: a base64 image is 4/3 of its bytes, plus room for the form/JSON."""
         return self.max_upload_bytes * 4 // 3 + 64 * 1024 + self.max_prompts * self.max_prompt_chars * 8
+
+
+def _split_list(value: str) -> tuple[str, ...]:
+    text = value.strip()
+    items = json.loads(text) if text.startswith("[") else text.split(",")
+    return tuple(str(v).strip() for v in items if str(v).strip())
 
 
 ENV_VARS: tuple[str, ...] = tuple(f"SAM3_{name.upper()}" for name in Settings.model_fields)

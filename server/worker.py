@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Literal, TypeVar
 
+from server.cpu import lower_priority
 from server.errors import DeadlineExceeded, NotReady, QueueFull
 
 log = logging.getLogger("server.worker")
@@ -80,6 +81,7 @@ class InferenceWorker(Generic[P]):
         warmup: Callable[[P], None] | None = None,
         name: str = "sam3-inference",
         concurrency: int = 1,
+        on_failed: Callable[[str], None] | None = None,
     ) -> None:
         """``concurrency`` > 1 only for remote engines (--backend triton): jobs then run on that
         many threads, so several requests are in flight to Triton, whose batcher can combine them;
@@ -90,6 +92,7 @@ class InferenceWorker(Generic[P]):
         self._name = name
         self._factory = factory
         self._warmup = warmup
+        self._on_failed = on_failed
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.queue_size = queue_size
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -179,6 +182,7 @@ class InferenceWorker(Generic[P]):
 
     # -- worker thread -------------------------------------------------------------------
     def _main(self) -> None:
+        lower_priority()  # the event loop (admission, probes) before inference on a busy CPU
         try:
             self._set_state("loading")
             self.pipeline = self._factory(self._set_state)
@@ -186,11 +190,16 @@ class InferenceWorker(Generic[P]):
             if self._warmup is not None:
                 self._warmup(self.pipeline)
         except BaseException as exc:  # noqa: BLE001 - any load failure is reported, not raised
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("pipeline failed to load")
+            # One line (ONNX Runtime's messages span several): the typed errors name the file.
+            self.error = " ".join(f"{type(exc).__name__}: {exc}".split())
+            log.debug("pipeline failed to load", exc_info=exc)  # the traceback: --log-level debug
             self._set_state("failed")
             self.ready_event.set()
             self._fail_pending()
+            if self._on_failed is not None:
+                self._on_failed(self.error)
+            else:
+                log.error("pipeline failed to load: %s", self.error)
             return
         self._set_state("ready")
         self.ready_event.set()
@@ -212,6 +221,7 @@ class InferenceWorker(Generic[P]):
         self._set_state("stopped")
 
     def _serve(self) -> None:
+        lower_priority()
         while True:
             item = self._queue.get()
             if item is _STOP:

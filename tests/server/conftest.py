@@ -37,8 +37,10 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SAM3_")}
-        full_env.update({"SAM3_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1", **(env or {})})
         self.log_path = (log_dir or Path("/tmp")) / f"server-{self.port}.log"
+        # The id secret the server would persist under ~/.local/state: next to the log instead.
+        full_env.update({"SAM3_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
+                         "SAM3_ID_SECRET_FILE": str(self.log_path.with_suffix(".id-secret")), **(env or {})})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port)],

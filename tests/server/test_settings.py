@@ -43,3 +43,14 @@ def test_server_imports_no_torch_or_export() -> None:
     code = "import sys, server.app, server.__main__; bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'export'))]; print(bad); sys.exit(bool(bad))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_orin_nano_defaults_are_the_documented_ones() -> None:
+    """docs/deploy-jetson.md's table of 8 GB Orin Nano values: its SAM3 column is the default."""
+    doc = (REPO / "docs" / "deploy-jetson.md").read_text()
+    table = doc[doc.index("| Setting | default = SAM3 on Orin Nano 8 GB |"):].split("\n\n", 1)[0]
+    rows = dict(re.findall(r"^\| `(SAM3_[A-Z_]+)` \| ([0-9.]+)", table, re.M))
+    assert set(rows) == {"SAM3_CACHE_BYTES", "SAM3_MAX_MEGAPIXELS", "SAM3_MAX_MASKS", "SAM3_DECODE_CONCURRENCY"}
+    defaults = Settings()
+    for name, value in rows.items():
+        assert float(getattr(defaults, name[len("SAM3_"):].lower())) == float(value), name

@@ -50,7 +50,9 @@ def test_server_on_triton_serves_like_local_and_fails_fast(server, server_bundle
     require_tritonserver()
     grpc_port = free_port()
     env = {**SERVER_ENV, "SAM3_BACKEND": "triton", "SAM3_TRITON_URL": f"127.0.0.1:{grpc_port}",
-           "SAM3_TRITON_TIMEOUT_S": str(CALL_TIMEOUT_S), "SAM3_TRITON_WAIT_S": "300"}
+           "SAM3_TRITON_TIMEOUT_S": str(CALL_TIMEOUT_S), "SAM3_TRITON_WAIT_S": "300",
+           # One id secret for both servers, as replicas share one: the same image, the same id.
+           "SAM3_ID_SECRET_FILE": str(server.log_path.with_suffix(".id-secret"))}
     proc = ServerProcess(server_bundle, env, tmp_path)
     triton = LocalTriton(triton_repository, grpc_port=grpc_port, log_path=tmp_path / "tritonserver.log")
     try:
