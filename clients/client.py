@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,10 +26,12 @@ DEFAULT_RETRIES = 3
 MAX_RETRY_WAIT_S = 30.0  # one Retry-After is capped here: the server's hint, not a blank cheque
 RETRY_STATUSES = (429, 503)  # both carry Retry-After on this server: queue full / still warming
 
-# Every request about an image carries its id (the sha256 of its bytes, which is the server's
-# image_id): a load balancer can hash on it so an image's requests reach the server replica that
-# caches its embedding (deploy/triton/k8s.yaml). Servers ignore it.
+# Every request about an image carries an affinity key, the sha256 of its bytes: a load balancer
+# can hash on it so an image's requests reach the server replica that caches its embedding
+# (deploy/triton/k8s.yaml). Servers ignore it. The server's image_id is a keyed hash that the
+# client cannot compute, so the client remembers which key goes with the ids it was given.
 IMAGE_ID_HEADER = "X-Image-Id"
+AFFINITY_MEMORY = 4096  # image ids remembered (64 + 64 characters each)
 
 
 def image_id_header(data: bytes) -> dict[str, str]:
@@ -57,6 +60,16 @@ class Sam3Client:
         self._sleep = sleep
         headers = {"X-API-Key": api_key} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
+        self._affinity: OrderedDict[str, str] = OrderedDict()  # server image_id -> sha256 of the bytes
+
+    def _remember(self, image_id: str, data: bytes) -> None:
+        self._affinity[image_id] = hashlib.sha256(data).hexdigest()
+        self._affinity.move_to_end(image_id)
+        while len(self._affinity) > AFFINITY_MEMORY:
+            self._affinity.popitem(last=False)
+
+    def _affinity_header(self, image_id: str) -> dict[str, str]:
+        return {IMAGE_ID_HEADER: self._affinity.get(image_id, image_id)}
 
     # ------------------------------------------------------------------ API
 
@@ -72,24 +85,28 @@ class Sam3Client:
         fields = form_fields(prompts, options)
         doc = self._request("POST", "/segment", files={"image": (name, data, media)}, data=fields,
                             headers=image_id_header(data))
-        return SegmentResponse.from_json(doc)
+        response = SegmentResponse.from_json(doc)
+        self._remember(response.image_id, data)
+        return response
 
     def segment_cached(self, image_id: str, prompts: Sequence[str] | str, **options: Any) -> SegmentResponse:
         """Prompts on an image the server already holds; 404 ``image_not_cached`` if evicted."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         doc = self._request("POST", "/segment", json=json_body(prompts, options, image_id=image_id),
-                            headers={IMAGE_ID_HEADER: image_id})
+                            headers=self._affinity_header(image_id))
         return SegmentResponse.from_json(doc)
 
     def embed(self, image: ImageInput) -> EmbedResponse:
         """Compute and cache the image embedding (e.g. when a frame arrives, before any prompt)."""
         name, data, media = image_payload(image)
-        return EmbedResponse.from_json(
+        response = EmbedResponse.from_json(
             self._request("POST", "/embed", files={"image": (name, data, media)}, headers=image_id_header(data))
         )
+        self._remember(response.image_id, data)
+        return response
 
     def delete_embedding(self, image_id: str) -> None:
-        self._request("DELETE", f"/embeddings/{image_id}", headers={IMAGE_ID_HEADER: image_id})
+        self._request("DELETE", f"/embeddings/{image_id}", headers=self._affinity_header(image_id))
 
     def health(self) -> Health:
         """``/healthz`` (process up) and ``/readyz`` (engines warm); never retried."""

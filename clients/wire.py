@@ -34,7 +34,7 @@ OPTION_NAMES = ("score_threshold", "mask_threshold", "max_detections", "mask_for
 def image_payload(image: ImageInput) -> tuple[str, bytes, str]:
     """(file name, bytes, content type) for a path, raw bytes, an RGB uint8 array or a PIL image.
 
-    Arrays and PIL images are sent as PNG (lossless: the server's image_id is the sha256 of
+    Arrays and PIL images are sent as PNG (lossless: the server's image_id is a keyed hash of
     the bytes, so the same array always maps to the same cached embedding).
     """
     if isinstance(image, (str, Path)):
