@@ -6,6 +6,9 @@ object's box (L1 + GIoU) and mask (BCE + dice); every query learns whether it is
 (sigmoid BCE); the presence token learns whether the prompt is in the image at all (BCE).
 Absent prompts have no matches, so they teach every query and the presence token "no".
 Box and class losses apply to every decoder layer (deep supervision), masks to the last.
+The intermediate layers match one-to-many (each object to ``aux_copies`` queries, H-DETR's
+hybrid-layer scheme): more positives per step speed up a from-scratch DETR, and the last layer,
+which alone answers, stays one-to-one so it still learns to suppress duplicates.
 The semantic-segmentation head learns the union of the prompt's objects (empty when absent):
 a dense signal that makes the prompt condition the image features from the first steps.
 """
@@ -33,6 +36,7 @@ class LossWeights:
     presence: float = 2.0
     semantic_bce: float = 2.0
     semantic_dice: float = 2.0
+    aux_copies: int = 3  # queries matched to each object in the intermediate decoder layers
 
 
 @dataclass
@@ -45,8 +49,11 @@ class Targets:
 
 @torch.no_grad()
 def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, targets: Targets,
-                    weights: LossWeights) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(query indices, target indices) per prompt, for one decoder layer ([N, Q], [N, Q, 4])."""
+                    weights: LossWeights, copies: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(query indices, target indices) per prompt, for one decoder layer ([N, Q], [N, Q, 4]).
+
+    With ``copies`` > 1 each object is matched to that many queries (fewer when the queries run out).
+    """
     matches = []
     prob = logits.sigmoid()
     for n, gt in enumerate(targets.boxes):
@@ -56,8 +63,9 @@ def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, targets: Targets,
         cost = (-weights.cls * prob[n][:, None]
                 + weights.l1 * torch.cdist(boxes[n], gt, p=1)
                 - weights.giou * generalized_box_iou(boxes[n], gt))
-        rows, cols = linear_sum_assignment(cost.numpy())
-        matches.append((rows.astype(np.int64), cols.astype(np.int64)))
+        repeat = max(1, min(copies, prob.shape[1] // gt.shape[0]))
+        rows, cols = linear_sum_assignment(cost.repeat(1, repeat).numpy())
+        matches.append((rows.astype(np.int64), (cols % gt.shape[0]).astype(np.int64)))
     return matches
 
 
@@ -79,7 +87,8 @@ def detection_loss(out: TrainOutputs, targets: Targets, weights: LossWeights = L
     last_matches = None
     for layer in range(layers):
         logits, boxes = out.logits[layer], out.boxes[layer]
-        matches = hungarian_match(logits.detach(), boxes.detach(), targets, weights)
+        copies = 1 if layer == layers - 1 else weights.aux_copies
+        matches = hungarian_match(logits.detach(), boxes.detach(), targets, weights, copies)
         cls_target = torch.zeros_like(logits)
         matched_pred, matched_gt = [], []
         for n, (rows, cols) in enumerate(matches):
