@@ -11,12 +11,14 @@ from clients.errors import (
     ServerUnreachable,
 )
 from clients.results import Detection, EmbedResponse, Health, Mask, PromptResult, SegmentResponse
+from clients.wire import Exemplar
 
 __all__ = [
     "ApiError",
     "ClientError",
     "Detection",
     "EmbedResponse",
+    "Exemplar",
     "Health",
     "InvalidResponse",
     "Mask",

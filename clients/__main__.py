@@ -18,6 +18,7 @@ from pathlib import Path
 
 from clients.client import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Sam3Client
 from clients.errors import ApiError, ClientError, RequestTimeout, ServerUnreachable
+from clients.wire import Exemplar
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 MASK_FORMATS = ("rle", "png", "polygon", "none")
@@ -36,10 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request")
         p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries on 429/503 (Retry-After)")
 
-    seg = sub.add_parser("segment", help="segment an image with text prompts")
+    seg = sub.add_parser("segment", help="segment an image with text prompts and/or exemplar boxes")
     common(seg)
     seg.add_argument("image", help="image file")
-    seg.add_argument("prompts", nargs="+", help="one or more text prompts")
+    seg.add_argument("prompts", nargs="*", help="text prompts; with --box/--negative-box at most one, which the boxes join")
+    seg.add_argument("--box", action="append", type=_box, default=[], metavar="x0,y0,x1,y1",
+                     help="exemplar box in image pixels: find everything like it (repeatable)")
+    seg.add_argument("--negative-box", action="append", type=_box, default=[], metavar="x0,y0,x1,y1",
+                     help="exemplar box of what NOT to find (repeatable; needs a text or a --box)")
     seg.add_argument("--score-threshold", type=float, default=None)
     seg.add_argument("--mask-threshold", type=float, default=None)
     seg.add_argument("--max-detections", type=int, default=None)
@@ -57,6 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     common(health)
     health.set_defaults(func=cmd_health)
     return parser
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    """``x0,y0,x1,y1`` -> four floats (the server checks they make a box inside the image)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a box is x0,y0,x1,y1 in pixels, got {text!r}") from None
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"a box is x0,y0,x1,y1 in pixels, got {text!r}")
+    return values[0], values[1], values[2], values[3]
+
+
+def _prompts(args: argparse.Namespace) -> list[str | Exemplar]:
+    if not (args.box or args.negative_box):
+        if not args.prompts:
+            raise UsageError("give a text prompt, --box, or both")
+        return list(args.prompts)
+    if len(args.prompts) > 1:
+        raise UsageError("--box/--negative-box make one prompt: give at most one text prompt with them")
+    return [Exemplar(boxes=args.box, negative=args.negative_box, text=args.prompts[0] if args.prompts else None)]
 
 
 def _client(args: argparse.Namespace) -> Sam3Client:
@@ -77,11 +103,12 @@ class UsageError(Exception):
 def cmd_segment(args: argparse.Namespace) -> int:
     if args.out is not None and not args.out.lower().endswith(".png"):
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    prompts = _prompts(args)
     data = _read_image(args.image)
     with _client(args) as client:
         response = client.segment(
             data,
-            args.prompts,
+            prompts,
             score_threshold=args.score_threshold,
             mask_threshold=args.mask_threshold,
             max_detections=args.max_detections,

@@ -8,6 +8,7 @@ surfaces as :class:`~clients.errors.RateLimited` instead of a hang.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from collections import OrderedDict
@@ -19,7 +20,16 @@ from typing_extensions import Self
 
 from clients.errors import ApiError, RequestTimeout, ServerUnreachable
 from clients.results import EmbedResponse, Health, SegmentResponse
-from clients.wire import ImageInput, form_fields, image_payload, json_body, json_document, retry_after_seconds
+from clients.wire import (
+    Exemplar,
+    ImageInput,
+    Prompt,
+    form_fields,
+    image_payload,
+    json_body,
+    json_document,
+    retry_after_seconds,
+)
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 3
@@ -73,25 +83,33 @@ class Sam3Client:
 
     # ------------------------------------------------------------------ API
 
-    def segment(self, image: ImageInput, prompts: Sequence[str] | str, **options: Any) -> SegmentResponse:
-        """Upload an image (path, bytes, RGB array or PIL image) and segment it with ``prompts``.
+    def segment(self, image: ImageInput, prompts: Sequence[Prompt] | Prompt, **options: Any) -> SegmentResponse:
+        """Upload an image (path, bytes, RGB array or PIL image) and segment it with ``prompts``:
+        text, or :class:`Exemplar` boxes (with or without text); one result per prompt, in order.
 
         ``options``: ``score_threshold``, ``mask_threshold``, ``max_detections``, ``mask_format``
         (rle|png|polygon|none). The server caches the embedding: ``segment_cached`` with the
         returned ``image_id`` skips the upload and the image encoder.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [prompts] if isinstance(prompts, (str, Exemplar)) else list(prompts)
         name, data, media = image_payload(image)
-        fields = form_fields(prompts, options)
-        doc = self._request("POST", "/segment", files={"image": (name, data, media)}, data=fields,
-                            headers=image_id_header(data))
+        if any(isinstance(p, Exemplar) for p in prompts):
+            # JSON keeps text and exemplar entries in one ordered list (form fields of two names
+            # would be sent grouped by name).
+            body = json_body(prompts, options, image=base64.b64encode(data).decode("ascii"))
+            doc = self._request("POST", "/segment", json=body, headers=image_id_header(data))
+        else:
+            fields = form_fields([str(p) for p in prompts], options)
+            doc = self._request("POST", "/segment", files={"image": (name, data, media)}, data=fields,
+                                headers=image_id_header(data))
         response = SegmentResponse.from_json(doc)
         self._remember(response.image_id, data)
         return response
 
-    def segment_cached(self, image_id: str, prompts: Sequence[str] | str, **options: Any) -> SegmentResponse:
-        """Prompts on an image the server already holds; 404 ``image_not_cached`` if evicted."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    def segment_cached(self, image_id: str, prompts: Sequence[Prompt] | Prompt, **options: Any) -> SegmentResponse:
+        """Prompts (text or :class:`Exemplar`) on an image the server already holds; 404
+        ``image_not_cached`` if evicted. A new box on a cached image costs only the decoder side."""
+        prompts = [prompts] if isinstance(prompts, (str, Exemplar)) else list(prompts)
         doc = self._request("POST", "/segment", json=json_body(prompts, options, image_id=image_id),
                             headers=self._affinity_header(image_id))
         return SegmentResponse.from_json(doc)

@@ -8,8 +8,9 @@ import email.utils
 import io
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import httpx
 import numpy as np
@@ -66,6 +67,33 @@ def sniff_content_type(data: bytes) -> str:
     return "application/octet-stream"
 
 
+@dataclass(frozen=True)
+class Exemplar:
+    """A prompt given by boxes ("find everything like this"), with or without text.
+
+    ``boxes`` are pixel (x0, y0, x1, y1) of the original image; ``negative`` ones mean "not like
+    this" and need a text or a positive box beside them.
+    """
+
+    boxes: Sequence[Sequence[float]] = ()
+    negative: Sequence[Sequence[float]] = ()
+    text: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        boxes = [[float(v) for v in box] for box in (*self.boxes, *self.negative)]
+        entry: dict[str, Any] = {"boxes": boxes, "labels": [1] * len(self.boxes) + [0] * len(self.negative)}
+        if self.text is not None:
+            entry["text"] = self.text
+        return entry
+
+
+Prompt = Union[str, Exemplar]
+
+
+def prompt_json(prompt: Prompt) -> Any:
+    return prompt.to_json() if isinstance(prompt, Exemplar) else prompt
+
+
 def form_fields(prompts: Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
     """Multipart text fields: ``prompt`` repeated, options as strings (None = server default)."""
     fields: dict[str, Any] = {"prompt": list(prompts)}
@@ -74,8 +102,8 @@ def form_fields(prompts: Sequence[str], options: Mapping[str, Any]) -> dict[str,
     return fields
 
 
-def json_body(prompts: Sequence[str], options: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    return {**extra, "prompts": list(prompts), **_checked_options(options)}
+def json_body(prompts: Sequence[Prompt], options: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    return {**extra, "prompts": [prompt_json(p) for p in prompts], **_checked_options(options)}
 
 
 def _checked_options(options: Mapping[str, Any]) -> dict[str, Any]:

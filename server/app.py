@@ -172,7 +172,7 @@ def create_app(
         app.add_middleware(TrustedHostMiddleware, hosts=settings.trusted_hosts)
     app.add_middleware(AdmissionMiddleware, full=service.refusal)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    _document(app, settings)
+    _document(app, settings, service)
     return app
 
 
@@ -180,19 +180,22 @@ def create_app(
 _KEYED = {("/segment", "post"), ("/embed", "post"), ("/embeddings/{image_id}", "delete"), ("/info", "get")}
 
 
-def _document(app: FastAPI, settings: Settings) -> None:
+def _document(app: FastAPI, settings: Settings, service: SegmentService) -> None:
     """/openapi.json as this server is configured: its limits in the request schemas
-    (server/schemas.py), and the X-API-Key requirement exactly where keys are checked."""
-    bodies = request_bodies(
-        max_upload_bytes=settings.max_upload_bytes,
-        max_prompts=settings.max_prompts,
-        max_prompt_chars=settings.max_prompt_chars,
-        max_detections=settings.max_detections,
-        content_types=settings.allowed_content_types,
-    )
+    (server/schemas.py), exemplar entries where the loaded pipeline can run them, and the
+    X-API-Key requirement exactly where keys are checked. Kept once the pipeline has loaded."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
+            pipeline = service.pipeline
+            bodies = request_bodies(
+                max_upload_bytes=settings.max_upload_bytes,
+                max_prompts=settings.max_prompts,
+                max_prompt_chars=settings.max_prompt_chars,
+                max_detections=settings.max_detections,
+                content_types=settings.allowed_content_types,
+                max_boxes=int(getattr(pipeline, "max_boxes", 0)),
+            )
             schema = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
@@ -208,6 +211,8 @@ def _document(app: FastAPI, settings: Settings) -> None:
             else:  # no key configured: nobody gets a 401
                 for path, method in keyed:
                     schema["paths"][path][method].get("responses", {}).pop("401", None)
+            if pipeline is None:
+                return schema  # not loaded yet: what it accepts is not known, ask again later
             app.openapi_schema = schema
         return app.openapi_schema
 

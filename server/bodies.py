@@ -16,11 +16,14 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from engines.errors import InvalidImage, InvalidPrompt, TooManyPrompts
+from pydantic import ValidationError
+
+from engines.errors import InvalidBox, InvalidImage, InvalidPrompt, TooManyPrompts
+from engines.types import ExemplarBox, ExemplarPrompt
 from server.cpu import CpuWork
 from server.errors import BadRequest, InvalidField, PayloadTooLarge, UnsupportedMediaType
 from server.image_ids import ID_PATTERN
-from server.schemas import EmbedJSON, SegmentJSON, SegmentOptionsModel
+from server.schemas import EmbedJSON, ExemplarEntry, SegmentJSON, SegmentOptionsModel
 from server.settings import Settings
 
 
@@ -30,8 +33,35 @@ class SegmentRequest:
 
     data: bytes | None
     image_id: str | None
-    prompts: list[str]
+    prompts: list[str | ExemplarPrompt]  # text, or exemplar boxes with or without text
     options: SegmentOptionsModel
+
+
+def exemplar_prompt(entry: ExemplarEntry, index: int) -> ExemplarPrompt:
+    """An exemplar entry as the runtime takes it; the runtime checks the boxes against the image."""
+    labels = entry.labels if entry.labels is not None else [1] * len(entry.boxes)
+    where = f"prompt {index}"
+    if not entry.boxes:
+        raise InvalidBox(f"{where}: an exemplar entry needs at least one box")
+    if len(labels) != len(entry.boxes):
+        raise InvalidBox(f"{where}: {len(labels)} labels for {len(entry.boxes)} boxes")
+    if any(label not in (0, 1) for label in labels):
+        raise InvalidBox(f"{where}: labels are 1 (positive) or 0 (negative), got {labels}")
+    for box in entry.boxes:
+        if len(box) != 4:
+            raise InvalidBox(f"{where}: a box is [x0, y0, x1, y1], got {box}")
+    return ExemplarPrompt(text=entry.text, boxes=tuple(
+        ExemplarBox((box[0], box[1], box[2], box[3]), positive=bool(label)) for box, label in zip(entry.boxes, labels)))
+
+
+def _form_exemplar(text: str, index: int) -> ExemplarPrompt:
+    try:
+        entry = ExemplarEntry.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid"}
+        raise InvalidBox(f"prompt {index}: 'exemplar' is a JSON object like "
+                         f'{{"boxes": [[x0, y0, x1, y1]], "labels": [1]}}: {first["msg"]}') from None
+    return exemplar_prompt(entry, index)
 
 
 class _NonUtf8Field(MultiPartException):
@@ -98,6 +128,9 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[dict[st
                 data = await value.read(settings.max_upload_bytes + 1)
             elif key == "prompt":
                 fields.setdefault("prompts", []).append(value)
+            elif key == "exemplar":  # in order with the text prompts: one result per field
+                prompts = fields.setdefault("prompts", [])
+                prompts.append(_form_exemplar(value, len(prompts)))
             elif key == "image":
                 raise InvalidField("'image' must be a file part (curl -F image=@photo.jpg)")
             else:
@@ -167,7 +200,8 @@ async def read_segment_request(request: Request, settings: Settings, cpu: CpuWor
         raw = await _read_json(request)
         # A JSON body holds ~2.4 times its image while parsed: it takes a decode slot.
         parsed, data = await cpu.run_in_slot(_parse_segment_json, raw, settings)
-        prompts, image_id = parsed.prompts, parsed.image_id
+        prompts = [p if isinstance(p, str) else exemplar_prompt(p, i) for i, p in enumerate(parsed.prompts)]
+        image_id = parsed.image_id
         options = parsed  # a SegmentOptionsModel, validated with the rest of the body
     else:
         raise UnsupportedMediaType("POST /segment takes multipart/form-data or application/json")

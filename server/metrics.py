@@ -29,7 +29,7 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "sam3_stage_duration_seconds",
-            "Per-stage latency of /segment (queue, image_encoder, text_encoder, decoder, postprocess, total).",
+            "Per-stage latency of /segment (queue, image_encoder, text_encoder, geometry_encoder, decoder, postprocess, total).",
             ("stage",),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

@@ -48,12 +48,23 @@ class SegmentOptionsModel(BaseModel):
         return value
 
 
+class ExemplarEntry(BaseModel):
+    """A prompt given by exemplar boxes, with or without text: "find everything like this box"."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str | None = Field(None, description="Optional text; without it the model is told \"visual\".")
+    boxes: list[list[float]] = Field(..., description="Boxes as pixel [x0, y0, x1, y1] of the original image.")
+    labels: list[int] | None = Field(None, description="1 positive, 0 negative, one per box (default: all 1).")
+
+
 class SegmentJSON(SegmentOptionsModel):
     """JSON form of POST /segment: exactly one of ``image`` (base64) or ``image_id``."""
 
     image: str | None = Field(None, description="Base64 image bytes (a data: URL prefix is accepted).")
     image_id: str | None = Field(None, description="The image_id of an image already embedded (POST /embed or /segment).")
-    prompts: list[str] = Field(..., description="Text prompts; one result per prompt, in order.")
+    prompts: list[str | ExemplarEntry] = Field(
+        ..., description="Text prompts or exemplar entries; one result per prompt, in order.")
 
 
 class EmbedJSON(BaseModel):
@@ -67,7 +78,8 @@ class SegmentMultipart(BaseModel):
 
     image: bytes | None = Field(None, json_schema_extra={"format": "binary"})
     image_id: str | None = None
-    prompt: list[str] = Field(..., description="Repeat the field for several prompts.")
+    prompt: list[str] = Field([], description="Repeat the field for several prompts.")
+    exemplar: list[str] = Field([], description="An exemplar entry as JSON text; repeatable, in order with 'prompt'.")
     score_threshold: float = Field(0.5, ge=THRESHOLD_MIN, le=THRESHOLD_MAX)
     mask_threshold: float = Field(0.5, ge=THRESHOLD_MIN, le=THRESHOLD_MAX)
     max_detections: int | None = Field(None, ge=MIN_DETECTIONS)
@@ -87,6 +99,7 @@ def request_bodies(
     max_prompt_chars: int,
     max_detections: int,
     content_types: tuple[str, ...],
+    max_boxes: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """The ``requestBody`` of POST /segment and /embed with this server's limits: exactly what
     server/bodies.py accepts (schemathesis checks both ways: tests/server/test_schemathesis.py).
@@ -103,7 +116,33 @@ def request_bodies(
         "pattern": f"^[^{REJECTED_CHARS}]*[^\\s{INVISIBLE_CHARS}][^{REJECTED_CHARS}]*$",
         "description": "A text prompt; the whitespace-only ones (no-break spaces, &nbsp; included) are refused.",
     }
-    prompts = {"type": "array", "items": prompt, "minItems": 1, "maxItems": max_prompts}
+    prompts: dict[str, Any] = {"type": "array", "items": prompt, "minItems": 1, "maxItems": max_prompts}
+    # Exemplar entries exist only where the bundle can run them (max_boxes > 0). What no schema
+    # can say (x1 > x0, y1 > y0, inside the image; negative boxes need text or a positive box;
+    # as many labels as boxes) is in the description, and refused with 422 invalid_box.
+    exemplar = {
+        "type": "object", "additionalProperties": False, "required": ["boxes"],
+        "properties": {
+            "text": prompt,
+            "boxes": {"type": "array", "minItems": 1, "maxItems": max_boxes,
+                      "items": {"type": "array", "minItems": 4, "maxItems": 4,
+                                "items": {"type": "number", "minimum": 0}}},
+            "labels": {"type": "array", "minItems": 1, "maxItems": max_boxes,
+                       "items": {"type": "integer", "enum": [0, 1]}},
+        },
+        "description": "Boxes are pixel [x0, y0, x1, y1] inside the image with x1 > x0 and y1 > y0; labels "
+                       "(1 positive, 0 negative; default all 1), one per box. Negative boxes alone need "
+                       "a text. The result's prompt is the text, or \"visual\" without one.",
+    }  # fmt: skip
+    json_prompts = dict(prompts, items={"anyOf": [prompt, exemplar]}) if max_boxes else prompts
+    form_fields: dict[str, Any] = {"prompt": {"anyOf": [prompt, prompts]}}
+    form_required: dict[str, Any] = {"required": ["prompt"]}
+    if max_boxes:
+        exemplar_text = {"type": "string", "contentMediaType": "application/json", "contentSchema": exemplar,
+                         "description": "One exemplar entry as JSON text, e.g. {\"boxes\": [[10, 20, 90, 120]]}."}
+        form_fields["exemplar"] = {"anyOf": [exemplar_text, {"type": "array", "items": exemplar_text,
+                                                             "minItems": 1, "maxItems": max_prompts}]}
+        form_required = {"anyOf": [{"required": ["prompt"]}, {"required": ["exemplar"]}]}
     image_id = {
         "type": "string",
         "pattern": ID_PATTERN,
@@ -145,16 +184,15 @@ def request_bodies(
                 "schema": {
                     "type": "object", "additionalProperties": False,
                     # One prompt field is a string; repeated, they are the list.
-                    "properties": {"image": file_part, "image_id": image_id,
-                                   "prompt": {"anyOf": [prompt, prompts]}, **options},
-                    "required": ["prompt"], "oneOf": exactly_one_field,
+                    "properties": {"image": file_part, "image_id": image_id, **form_fields, **options},
+                    "allOf": [form_required, {"oneOf": exactly_one_field}],
                 },
             },
             "application/json": {
                 "schema": {
                     "type": "object", "additionalProperties": False,
                     "properties": {
-                        "image": or_null(b64_image), "image_id": or_null(image_id), "prompts": prompts,
+                        "image": or_null(b64_image), "image_id": or_null(image_id), "prompts": json_prompts,
                         **options, "max_detections": or_null(options["max_detections"]),
                     },
                     "required": ["prompts"], "oneOf": exactly_one,
@@ -220,6 +258,7 @@ class Timings(_Response):
     queue: float = Field(..., description="Waiting for the inference worker.")
     image_encoder: float = Field(..., description="Pixel preparation + image encoder (0 on a cache hit).")
     text_encoder: float = Field(..., description="Tokenizer + text encoder for prompts not in the text cache.")
+    geometry_encoder: float = Field(..., description="The exemplar boxes' prompt encoder (0 without boxes).")
     decoder: float = Field(..., description="The decoder, all prompts in one call per max batch.")
     postprocess: float = Field(..., description="Masks upsampled, thresholded and encoded.")
     total: float = Field(..., description="Request received to response ready.")

@@ -32,7 +32,7 @@ import numpy as np
 from engines.errors import InvalidImage
 from engines.options import SegmentOptions
 from engines.postprocess import result_document
-from engines.types import ImageEmbedding, ImageSize, LoadedImage, Prompts, SegmentResult, TextEmbedding
+from engines.types import ExemplarPrompt, ImageEmbedding, ImageSize, LoadedImage, Prompts, SegmentResult, TextEmbedding
 from server.cache import EmbeddingCache, TextCache
 from server.errors import ImageNotCached, NotReady, PayloadTooLarge, QueueFull
 from server.cpu import CpuWork
@@ -41,6 +41,9 @@ from server.metrics import Metrics
 from server.schemas import RESPONSE_STAGES
 from server.settings import Settings
 from server.worker import InferenceWorker
+
+# An image size no box exceeds: the request-time exemplar check leaves the bounds to the job.
+_ANY_SIZE = 2**31 - 1
 
 if TYPE_CHECKING:  # the worker thread imports the runtime; the HTTP layer only needs its types
     from engines.pipeline import Sam3Pipeline
@@ -174,7 +177,7 @@ class SegmentService:
         *,
         data: bytes | None,
         image_id: str | None,
-        prompts: Sequence[str],
+        prompts: Sequence[str | ExemplarPrompt],
         options: SegmentOptions,
         mask_format: str,
         namespace: str = "",
@@ -183,7 +186,12 @@ class SegmentService:
         # The pipeline's own checks and limits, here in the event loop: a bad request is refused
         # before it costs any work.
         pipeline = self._ready_pipeline()
-        clean = pipeline.check_prompts(prompts)
+        clean = pipeline.check_prompts([p if isinstance(p, str) else p.model_text for p in prompts])
+        exemplars: tuple[ExemplarPrompt, ...] | None = None
+        if any(isinstance(p, ExemplarPrompt) and p.boxes for p in prompts):
+            exemplars = tuple(p if isinstance(p, ExemplarPrompt) else ExemplarPrompt(text=p) for p in prompts)
+            # Everything but the image bounds, which the job checks once the image is known.
+            pipeline.check_exemplars(exemplars, ImageSize(_ANY_SIZE, _ANY_SIZE))
         options = pipeline.segment_options(options)
         # Prompts x detections is bounded: each prompt keeps at most max_masks // prompts.
         share = max(1, self.settings.max_masks // len(clean))
@@ -191,7 +199,7 @@ class SegmentService:
             options = replace(options, max_detections=share)
         if data is not None:
             self.check_image_size(data)
-        encoded = await self._encode(namespace, data, image_id, prompts=clean, options=options)
+        encoded = await self._encode(namespace, data, image_id, prompts=clean, options=options, exemplars=exemplars)
         result = encoded.result
         assert result is not None
         t_post = time.perf_counter()
@@ -245,6 +253,7 @@ class SegmentService:
         *,
         prompts: Prompts | None,
         options: SegmentOptions | None,
+        exemplars: tuple[ExemplarPrompt, ...] | None = None,
     ) -> _Encoded:
         # Readiness first: hashing or decoding for a server that cannot run is wasted work.
         if self.pipeline is None or self.worker.state != "ready":
@@ -254,18 +263,20 @@ class SegmentService:
         assert image_id is not None
         key = self.image_key(namespace, image_id)
         if data is not None and key not in self.image_cache:
-            encoded = await self._run_decoded(key, data, prompts, options)
+            encoded = await self._run_decoded(key, data, prompts, options, exemplars)
         else:
             try:
-                encoded = await self._run(self._job(key, None, prompts, options, from_bytes=data is not None))
+                encoded = await self._run(
+                    self._job(key, None, prompts, options, exemplars, from_bytes=data is not None))
             except _Evicted:  # cached when looked up, gone when the job ran: decode after all
                 assert data is not None
-                encoded = await self._run_decoded(key, data, prompts, options)
+                encoded = await self._run_decoded(key, data, prompts, options, exemplars)
         encoded.image_id = image_id
         return encoded
 
     async def _run_decoded(
-        self, key: ImageKey, data: bytes, prompts: Prompts | None, options: SegmentOptions | None
+        self, key: ImageKey, data: bytes, prompts: Prompts | None, options: SegmentOptions | None,
+        exemplars: tuple[ExemplarPrompt, ...] | None = None,
     ) -> _Encoded:
         """Decode under a decode slot, held until the job that encodes the image has run."""
         pipeline = self._ready_pipeline()
@@ -274,7 +285,7 @@ class SegmentService:
             self.decoding_peak = max(self.decoding_peak, self.decoding)
             try:
                 loaded = await self.cpu.run(lambda: pipeline.load_image(data, image_id=key[1]))
-                job = self._job(key, loaded, prompts, options, from_bytes=True)
+                job = self._job(key, loaded, prompts, options, exemplars, from_bytes=True)
                 del loaded  # the job holds the pixels now, and drops them once encoded
                 return await self._run(job)
             finally:
@@ -292,6 +303,7 @@ class SegmentService:
         loaded: LoadedImage | None,
         prompts: Prompts | None,
         options: SegmentOptions | None,
+        exemplars: tuple[ExemplarPrompt, ...] | None,
         from_bytes: bool,
     ) -> Callable[[Sam3Pipeline], _Encoded]:
         image_cache, text_cache = self.image_cache, self.text_cache
@@ -313,10 +325,16 @@ class SegmentService:
             timings = {"image_encoder": 0.0 if hit else sum(embedding.timings_ms.values())}
             if prompts is None or options is None:
                 return _Encoded(embedding, hit, None, timings)
+            # Cached per prompt text; a box-only prompt's text is "visual".
             text = _text_embedding(pipeline, text_cache, prompts)
-            # Given both embeddings, segment runs only the decoder and postprocessing.
-            result = pipeline.segment(embedding, text, options)
+            # Given both embeddings, segment runs only the (geometry encoder and) decoder and
+            # postprocessing; the boxes are checked against this image's size there.
+            if exemplars is None:
+                result = pipeline.segment(embedding, text, options)
+            else:
+                result = pipeline.segment_exemplars(embedding, exemplars, options, text=text)
             timings["text_encoder"] = sum(text.timings_ms.values())
+            timings["geometry_encoder"] = result.timings_ms.get("geometry_encoder", 0.0)
             timings["decoder"] = result.timings_ms["decoder"]
             timings["postprocess"] = result.timings_ms["postprocess"]
             return _Encoded(embedding, hit, result, timings)

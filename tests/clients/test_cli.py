@@ -70,3 +70,30 @@ def test_missing_image_and_bad_out_are_usage_errors(tmp_path: Path) -> None:
     image.write_bytes(image_bytes(16, 16))
     done = run_cli("segment", "http://127.0.0.1:9", str(image), "a cat", "--out", str(tmp_path / "x.jpg"))
     assert done.returncode == 2 and "--out must name a .png" in done.stderr
+
+
+def test_segment_with_boxes_sends_one_exemplar_prompt(live_server, tmp_path: Path) -> None:
+    image = tmp_path / "photo.png"
+    image.write_bytes(image_bytes(120, 90, fmt="PNG", seed=204))
+    doc = tmp_path / "out.json"
+    done = run_cli("segment", live_server.url, str(image), "a cat", "--box", "10,10,60,50",
+                   "--negative-box", "70,20,110,80", "--score-threshold", "0", "--max-detections", "2",
+                   "--json", str(doc))
+    assert done.returncode == 0, done.stderr
+    body = json.loads(doc.read_text())
+    assert [r["prompt"] for r in body["results"]] == ["a cat"] and len(body["results"][0]["detections"]) == 2
+    assert body["timings_ms"]["geometry_encoder"] > 0  # the boxes went through the prompt encoder
+    done = run_cli("segment", live_server.url, str(image), "--box", "10,10,60,50", "--score-threshold", "0")
+    assert done.returncode == 0 and "'visual':" in done.stdout, done.stderr
+
+
+def test_bad_boxes_are_one_line_errors(live_server, tmp_path: Path) -> None:
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(image_bytes(64, 48, seed=205))
+    done = run_cli("segment", live_server.url, str(image), "--box", "10,10,100,40")
+    assert done.returncode == 1 and done.stderr.startswith("error: HTTP 422 invalid_box"), done.stderr
+    assert "outside the 64x48 image" in done.stderr and done.stderr.count("\n") == 1
+    done = run_cli("segment", live_server.url, str(image), "a", "b", "--box", "1,1,9,9")
+    assert done.returncode == 2 and "at most one text prompt" in done.stderr
+    done = run_cli("segment", live_server.url, str(image), "--box", "1,1,9")
+    assert done.returncode == 2 and "a box is x0,y0,x1,y1" in done.stderr

@@ -1,4 +1,5 @@
-"""What /openapi.json says in words and schemathesis must be taught: an ``image`` is an image.
+"""What /openapi.json says in words and schemathesis must be taught: an ``image`` is an image,
+and an exemplar box lies inside it.
 
 The request schemas declare the image as ``contentMediaType: image/*``; no JSON Schema can say
 "decodes as an image", so positive examples come from these strategies: small real PNG/JPEG
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any
 
 import jsonschema
@@ -56,14 +58,57 @@ def _as_text(body: dict[str, Any]) -> dict[str, Any]:
 @schemathesis.hook
 def filter_case(context: Any, case: Any) -> bool:
     """Drop "positive" cases whose body breaks the schema: the coverage phase builds multipart
-    bodies holding both ``image`` and ``image_id`` against the schema's ``oneOf``."""
+    bodies holding both ``image`` and ``image_id`` against the schema's ``oneOf``; and those whose
+    exemplar boxes break what the schema says only in words (inside the image, x1 > x0, y1 > y0,
+    one label per box, negative boxes beside a text or a positive box)."""
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
         return True
     body = case.operation.get_body_for_media_type(case.media_type) if case.media_type else None
     if body is None:
         return True
-    return bool(jsonschema.Draft202012Validator(body.optimized_schema).is_valid(_as_text(case.body)))
+    if not jsonschema.Draft202012Validator(body.optimized_schema).is_valid(_as_text(case.body)):
+        return False
+    return _exemplars_usable(case.body)
+
+
+def _exemplars_usable(body: dict[str, Any]) -> bool:
+    entries = [p for p in body.get("prompts", []) if isinstance(p, dict)] if isinstance(body.get("prompts"), list) else []
+    forms = body.get("exemplar", [])
+    for text in [forms] if isinstance(forms, str) else forms:
+        try:
+            entries.append(json.loads(text))
+        except ValueError:
+            return False
+    if not entries:
+        return True
+    size = _image_size(body.get("image"))
+    if size is None:  # an image_id: its size is not known here
+        return False
+    width, height = size
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("boxes"), list):
+            return False
+        labels = entry.get("labels") or [1] * len(entry["boxes"])
+        if len(labels) != len(entry["boxes"]) or (entry.get("text") is None and 1 not in labels):
+            return False
+        for box in entry["boxes"]:
+            if len(box) != 4:
+                return False
+            x0, y0, x1, y1 = box
+            if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+                return False
+    return True
+
+
+def _image_size(image: Any) -> tuple[int, int] | None:
+    if isinstance(image, Binary):
+        data = image.data
+    elif isinstance(image, str):
+        data = base64.b64decode(image)
+    else:
+        return None
+    return Image.open(io.BytesIO(data)).size
 
 
 _as_sent = _checks._form_body_is_valid_as_sent

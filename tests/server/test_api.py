@@ -55,7 +55,7 @@ def test_segment_equals_pipeline_segment(client: httpx.Client, server_bundle) ->
             assert g["mask"]["size"] == [120, 160]
             a, b = decode_mask(g["mask"]), decode_mask(w["mask"])
             assert (a != b).mean() < 1e-3
-    assert set(body["timings_ms"]) == {"queue", "image_encoder", "text_encoder", "decoder", "postprocess", "total"}
+    assert set(body["timings_ms"]) == {"queue", "image_encoder", "text_encoder", "geometry_encoder", "decoder", "postprocess", "total"}
     assert body["model"] == {"name": "sam3-tiny", "backend": "onnxruntime", "precision": "fp32"}
     assert body["cache_hit"] is False
 

@@ -108,3 +108,51 @@ def test_trained_demo_page_offers_its_vocabulary_and_sample_scenes(browser, shap
                                timeout=30_000)
     finally:
         server.stop()
+
+
+def test_boxes_dragged_on_the_demo_page_are_sent_in_image_pixels(browser, server, tmp_path) -> None:
+    """Drag a box (positive) and Shift-drag another (negative) on an image shown scaled down: the
+    page sends one exemplar prompt in the image's own pixels, and draws the answer."""
+    photo = tmp_path / "large.jpg"
+    photo.write_bytes(image_bytes(seed=78, width=1600, height=1200, fmt="JPEG", quality=30))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/segment") else None)
+    page.goto(server.url + "/")
+    page.set_input_files("#file", str(photo))
+    page.wait_for_function("document.getElementById('status').textContent.includes('1600x1200')", timeout=10_000)
+    frame = page.locator("#canvas").bounding_box()
+    assert frame is not None and frame["width"] < 1000  # shown scaled down
+    scale = frame["width"] / 1600
+
+    def drag(x0: float, y0: float, x1: float, y1: float) -> None:
+        page.mouse.move(frame["x"] + x0 * scale, frame["y"] + y0 * scale)
+        page.mouse.down()
+        page.mouse.move(frame["x"] + (x0 + x1) / 2 * scale, frame["y"] + (y0 + y1) / 2 * scale)
+        page.mouse.move(frame["x"] + x1 * scale, frame["y"] + y1 * scale)
+        page.mouse.up()
+
+    drag(200, 150, 800, 600)
+    page.keyboard.down("Shift")
+    drag(1000, 700, 1400, 1100)
+    page.keyboard.up("Shift")
+    assert page.eval_on_selector("#canvas", "c => c.dataset.boxes") == "2"
+
+    page.fill("#prompts", "a, b")  # boxes join at most one text prompt
+    page.click("#submit")
+    assert "at most one prompt" in page.inner_text("#status") and not bodies
+
+    page.fill("#prompts", "")
+    page.fill("#score", "0")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('canvas').dataset.detections !== undefined", timeout=20_000)
+    (entry,) = bodies[-1]["prompts"]
+    assert entry["labels"] == [1, 0]
+    for got, want in zip(entry["boxes"], [[200, 150, 800, 600], [1000, 700, 1400, 1100]]):
+        assert all(abs(g - w) <= 4 for g, w in zip(got, want)), entry["boxes"]  # image pixels, not screen
+    assert page.inner_text("#results").startswith("visual:")
+    assert "geometry_encoder" in page.inner_text("#timings")
+
+    page.click("#clearboxes")
+    assert page.eval_on_selector("#canvas", "c => c.dataset.boxes") == "0" and page.is_disabled("#clearboxes")
+    page.close()

@@ -63,5 +63,5 @@ def test_a_body_that_drifts_from_its_model_is_a_500() -> None:
 
 
 def test_every_stage_a_response_reports_is_documented() -> None:
-    assert RESPONSE_STAGES == ("queue", "image_encoder", "text_encoder", "decoder", "postprocess", "total")
+    assert RESPONSE_STAGES == ("queue", "image_encoder", "text_encoder", "geometry_encoder", "decoder", "postprocess", "total")
     assert all(Timings.model_fields[stage].description for stage in RESPONSE_STAGES)

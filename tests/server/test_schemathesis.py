@@ -39,7 +39,9 @@ def test_openapi_documents_every_route_with_the_servers_limits(server) -> None:
     assert {"multipart/form-data", "application/json"} <= set(body)
     as_json = body["application/json"]["schema"]["properties"]
     # tests/server/conftest.py SERVER_ENV: 8 prompts of 64 characters, uploads of 2 MiB.
-    assert as_json["prompts"]["maxItems"] == 8 and as_json["prompts"]["items"]["maxLength"] == 64
+    text_prompt, exemplar = as_json["prompts"]["items"]["anyOf"]  # the tiny bundle takes exemplar boxes
+    assert as_json["prompts"]["maxItems"] == 8 and text_prompt["maxLength"] == 64
+    assert exemplar["properties"]["boxes"]["maxItems"] == 16
     assert as_json["max_detections"]["anyOf"][0]["maximum"] == 100
     assert as_json["image"]["anyOf"][0]["maxLength"] == 4 * -(-2 * 1024 * 1024 // 3)
     assert as_json["image_id"]["anyOf"][0]["pattern"] == "^[0-9a-f]{64}$"
