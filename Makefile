@@ -50,6 +50,7 @@ test-slow: venv
 # Retrain the shipped models (not in CI): ~65 min + ~15 min on one CPU core; --resume continues.
 train: venv
 	$(PY) -m training base --out $(SHAPES_MODEL)
+	$(PY) -m training exemplars --base $(SHAPES_MODEL)
 
 train-lora: venv
 	$(PY) -m training lora --base $(SHAPES_MODEL) --out $(STAR_LORA)
@@ -73,6 +74,8 @@ accuracy-base: venv
 		--json $(RESULTS)/accuracy-fp16emu.json --markdown $(RESULTS)/accuracy-fp16emu.md
 	$(ACC) --bundle $(BUILD_DIR)/shapes-int8 --dataset $(BUILD_DIR)/heldout \
 		--json $(RESULTS)/accuracy-int8.json --markdown $(RESULTS)/accuracy-int8.md
+	$(ACC) --bundle $(BUILD_DIR)/shapes --dataset $(BUILD_DIR)/heldout --exemplars \
+		--json $(RESULTS)/accuracy-exemplars.json --markdown $(RESULTS)/accuracy-exemplars.md
 	$(ACC) --bundle $(BUILD_DIR)/shapes --scenes $(ACC_SCENES) --scene-seed 8 --shapes all --require-shape star \
 		--write-dataset $(BUILD_DIR)/heldout-star \
 		--json $(RESULTS)/accuracy-star-before.json --markdown $(RESULTS)/accuracy-star-before.md

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--score-threshold", type=float, default=0.5)
     acc.add_argument("--iou-threshold", type=float, default=0.5)
     acc.add_argument("--limit", type=int, default=None, help="first N images only")
+    acc.add_argument("--exemplars", action="store_true",
+                     help="prompt with boxes, not words: one box per category in each image (box-only), "
+                          "every object of that category to find")
     acc.add_argument("--supercategory-prompts", action=argparse.BooleanOptionalAction, default=None,
                      help="also prompt with supercategory names (default: on for generated scene sets)")
     outputs(acc)
@@ -171,7 +174,8 @@ def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from scenes.generator import ALL_SHAPES, BASE_SHAPES
 
     config = accuracy.AccuracyConfig(score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
-                                     supercategory_prompts=args.supercategory_prompts, limit=args.limit)
+                                     supercategory_prompts=args.supercategory_prompts, limit=args.limit,
+                                     exemplars=args.exemplars)
     for name, value in (("--score-threshold", config.score_threshold), ("--iou-threshold", config.iou_threshold)):
         if not 0.0 <= value <= 1.0:
             raise UsageError(f"{name} must be in [0, 1]")
@@ -196,6 +200,8 @@ def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"bundle not found: {args.bundle}")
         segment, model = accuracy.pipeline_segmenter(args.bundle, args.backend, config)
     elif args.checkpoint is not None:
+        if args.exemplars:
+            raise UsageError("--exemplars runs through a bundle (--bundle) or a server (--url)")
         if not args.checkpoint.exists():
             raise UsageError(f"checkpoint not found: {args.checkpoint}")
         from benchmarks.torch_segmenter import torch_segmenter

@@ -11,6 +11,11 @@ score) to ground-truth masks at mask IoU >= ``iou_threshold``: precision, recall
 the matches, and the share of absent (image, prompt) pairs that return any detection. COCO
 mask AP comes from pycocotools over the detections down to ``ap_score_floor``, one "category"
 per prompt. torch-free: the PyTorch segmenter lives in ``benchmarks/torch_segmenter.py``.
+
+With ``exemplars`` the prompts are boxes instead of words: for each category in an image, the box
+of its first annotation is the one positive exemplar of a box-only prompt, and the ground truth
+is every object of that category, the boxed one included ("one box on a red circle finds the red
+circles"). There are no absent prompts in that mode.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-# image bytes, prompts -> result document ({"results": [{"prompt", "detections": [...]}]})
-Segmenter = Callable[[bytes, list[str]], dict[str, Any]]
+# image bytes, prompts -> result document ({"results": [{"prompt", "detections": [...]}]}); a prompt
+# is a text, or an exemplar entry {"boxes": [[x0, y0, x1, y1]], "labels": [1]} as POST /segment takes it
+Segmenter = Callable[[bytes, list[Any]], dict[str, Any]]
 
 GOALS = {"recall": 0.9, "precision": 0.9, "mean_iou": 0.85, "absent_with_detection": 0.03}
 ANNOTATION_NAMES = ("annotations.json", "_annotations.coco.json")
@@ -44,6 +50,7 @@ class AccuracyConfig:
     max_detections: int = 20  # per prompt and image
     supercategory_prompts: bool | None = None  # None: as the dataset's info says
     limit: int | None = None  # first N images only
+    exemplars: bool = False  # box-only prompts (one box per category in the image), not words
 
 
 @dataclass(frozen=True)
@@ -112,14 +119,21 @@ def evaluate(segment: Segmenter, dataset: Dataset, config: AccuracyConfig = Accu
     detections: list[dict[str, Any]] = []
     gt_annotations: list[dict[str, Any]] = []
     started = time.perf_counter()
+    prompt_ids = {p: i for i, p in enumerate(prompts, start=1)}
     for done, image_id in enumerate(image_ids):
         info = coco.loadImgs(image_id)[0]
-        doc = segment(_image_path(dataset, info).read_bytes(), list(prompts))
-        results = doc["results"]
-        if [r["prompt"] for r in results] != prompts:
-            raise ValueError("the segmenter answered other prompts than it was asked")
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
-        for prompt_id, (prompt, result) in enumerate(zip(prompts, results), start=1):
+        asked: list[str] = list(prompts)
+        sent: list[Any] = list(prompts)
+        if config.exemplars:
+            asked, sent = _exemplar_prompts(dataset, anns)
+        doc = segment(_image_path(dataset, info).read_bytes(), sent) if sent else {"results": []}
+        results = doc["results"]
+        names = [r["prompt"] for r in results]
+        if len(results) != len(asked) or (not config.exemplars and names != asked):
+            raise ValueError("the segmenter answered other prompts than it was asked")
+        for prompt, result in zip(asked, results):
+            prompt_id = prompt_ids[prompt]
             wanted = dataset.prompt_categories[prompt]
             gts = [a for a in anns if a["category_id"] in wanted]
             gt_rles = [coco.annToRLE(a) for a in gts]
@@ -135,22 +149,42 @@ def evaluate(segment: Segmenter, dataset: Dataset, config: AccuracyConfig = Accu
             progress(done + 1, len(image_ids))
     seconds = time.perf_counter() - started
 
-    ap = _coco_ap(dataset, image_ids, gt_annotations, detections)
-    groups = {name: _summary([per_prompt[p] for p in members], ap.get(name)) for name, members in dataset.groups.items()
+    group_members = dataset.groups
+    if config.exemplars:  # one box per category: supercategory prompts are not asked
+        kinds = {str(c["name"]).strip() for c in coco.loadCats(coco.getCatIds())}
+        group_members = {name: [p for p in members if p in kinds] for name, members in dataset.groups.items()}
+    ap = _coco_ap(dataset, image_ids, gt_annotations, detections, group_members)
+    groups = {name: _summary([per_prompt[p] for p in members], ap.get(name)) for name, members in group_members.items()
               if members}
     overall = groups["all"]
     return {
         "kind": "accuracy",
+        "mode": "exemplars" if config.exemplars else "text",
         "dataset": {"path": str(dataset.annotations), "images": len(image_ids), "prompts": prompts,
                     "objects": sum(c.objects for c in per_prompt.values())},
         "config": asdict(config),
         "overall": overall,
         "groups": groups,
-        "per_prompt": {p: _summary([c], None) for p, c in per_prompt.items()},
-        "group_members": dataset.groups,
-        "goals": [_goal(name, target, overall[name]) for name, target in GOALS.items()],
+        "per_prompt": {p: _summary([c], None) for p, c in per_prompt.items() if c.objects or c.absent},
+        "group_members": group_members,
+        "goals": [_goal(name, target, overall[name]) for name, target in GOALS.items()
+                  if not (config.exemplars and name == "absent_with_detection")],
         "timing": {"seconds": round(seconds, 2), "images_per_s": round(len(image_ids) / max(seconds, 1e-9), 3)},
     }
+
+
+def _exemplar_prompts(dataset: Dataset, anns: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(category name, box-only exemplar entry) per category in the image: its first annotation's box."""
+    names = {int(c["id"]): str(c["name"]).strip() for c in dataset.coco.loadCats(dataset.coco.getCatIds())}
+    first: dict[str, dict[str, Any]] = {}
+    for ann in sorted(anns, key=lambda a: int(a["id"])):
+        first.setdefault(names[int(ann["category_id"])], ann)
+    asked = sorted(first)
+    entries = []
+    for name in asked:
+        x, y, w, h = (float(v) for v in first[name]["bbox"])
+        entries.append({"boxes": [[x, y, x + w, y + h]], "labels": [1]})
+    return asked, entries
 
 
 class _Counts:
@@ -202,7 +236,7 @@ def _summary(counts: Sequence[_Counts], ap: dict[str, float] | None) -> dict[str
 
 
 def _coco_ap(dataset: Dataset, image_ids: list[int], gt_annotations: list[dict[str, Any]],
-             detections: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+             detections: list[dict[str, Any]], groups: dict[str, list[str]]) -> dict[str, dict[str, float]]:
     """COCO mask AP with one category per prompt, for every group of prompts."""
     gt = COCO()
     gt.dataset = {"images": dataset.coco.loadImgs(image_ids), "annotations": gt_annotations,
@@ -212,7 +246,7 @@ def _coco_ap(dataset: Dataset, image_ids: list[int], gt_annotations: list[dict[s
         dt = gt.loadRes(detections) if detections else COCO()
     out: dict[str, dict[str, float]] = {}
     ids = {p: i for i, p in enumerate(dataset.prompts, start=1)}
-    for name, members in dataset.groups.items():
+    for name, members in groups.items():
         if not members:
             continue
         if not detections:
@@ -256,9 +290,12 @@ def pipeline_segmenter(bundle: str | Path, backend: str = "auto", config: Accura
 
     pipe = Sam3Pipeline.from_bundle(bundle, backend, max_prompts=max_prompts)
 
-    def segment(image: bytes, prompts: list[str]) -> dict[str, Any]:
-        result = pipe.segment(image, prompts, score_threshold=config.ap_score_floor,
-                              max_detections=config.max_detections)
+    def segment(image: bytes, prompts: list[Any]) -> dict[str, Any]:
+        options = {"score_threshold": config.ap_score_floor, "max_detections": config.max_detections}
+        if any(isinstance(p, dict) for p in prompts):
+            result = pipe.segment_exemplars(image, [_exemplar(p) for p in prompts], **options)
+        else:
+            result = pipe.segment(image, prompts, **options)
         return result_document(result.image_size, result.results, "rle")
 
     manifest = pipe.manifest
@@ -268,6 +305,17 @@ def pipeline_segmenter(bundle: str | Path, backend: str = "auto", config: Accura
     return segment, model
 
 
+def _exemplar(entry: Any) -> Any:
+    """A text or an exemplar entry (the API's JSON form) as the pipeline takes it."""
+    from engines.types import ExemplarBox, ExemplarPrompt
+
+    if isinstance(entry, str):
+        return ExemplarPrompt(text=entry)
+    labels = entry.get("labels") or [1] * len(entry["boxes"])
+    return ExemplarPrompt(text=entry.get("text"), boxes=tuple(
+        ExemplarBox(tuple(float(v) for v in box), positive=bool(label)) for box, label in zip(entry["boxes"], labels)))
+
+
 def http_segmenter(url: str, config: AccuracyConfig = AccuracyConfig(),
                    api_key: str | None = None) -> tuple[Segmenter, dict[str, Any]]:
     """The same through a running server's POST /segment (multipart)."""
@@ -275,7 +323,15 @@ def http_segmenter(url: str, config: AccuracyConfig = AccuracyConfig(),
 
     client = httpx.Client(base_url=url, timeout=120.0, headers={"x-api-key": api_key} if api_key else {})
 
-    def segment(image: bytes, prompts: list[str]) -> dict[str, Any]:
+    def segment(image: bytes, prompts: list[Any]) -> dict[str, Any]:
+        if any(isinstance(p, dict) for p in prompts):  # exemplar entries: the JSON form
+            import base64
+
+            body = {"image": base64.b64encode(image).decode("ascii"), "prompts": prompts,
+                    "score_threshold": config.ap_score_floor, "max_detections": config.max_detections}
+            response = client.post("/segment", json=body)
+            response.raise_for_status()
+            return response.json()
         data = {"prompt": list(prompts), "score_threshold": str(config.ap_score_floor),
                 "max_detections": str(config.max_detections)}
         response = client.post("/segment", files={"image": ("image.jpg", image, "image/jpeg")}, data=data)
@@ -291,7 +347,10 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"### Accuracy: {model.get('name', model.get('kind', '?'))} ({model.get('backend', model.get('kind', ''))}"
              f"{', ' + str(model.get('precision')) if model.get('precision') else ''})",
              "",
-             f"{doc['dataset']['images']} images, {len(doc['dataset']['prompts'])} prompts per image, "
+             (f"{doc['dataset']['images']} images, one box-only exemplar prompt per category in the image "
+              "(the box of its first object), "
+              if doc.get("mode") == "exemplars" else
+              f"{doc['dataset']['images']} images, {len(doc['dataset']['prompts'])} prompts per image, ") +
              f"{doc['dataset']['objects']} objects; score >= {doc['config']['score_threshold']}, "
              f"mask IoU >= {doc['config']['iou_threshold']}.",
              "",
@@ -320,6 +379,7 @@ SUMMARY_ROWS = (
     ("accuracy-bundle.json", "bundle, ONNX Runtime fp32", "all"),
     ("accuracy-fp16emu.json", "bundle, TensorRT FP16 emulated on CPU", "all"),
     ("accuracy-int8.json", "bundle, int8 CPU mode (image encoder)", "all"),
+    ("accuracy-exemplars.json", "bundle, one exemplar box per kind (no text)", "all"),
     ("accuracy-lora-base-concepts.json", "star LoRA merged: base concepts", "all"),
     ("accuracy-star-before.json", "base model on star scenes: 'star' prompts", "star"),
     ("accuracy-star-after.json", "star LoRA merged on star scenes: 'star' prompts", "star"),

@@ -1,6 +1,7 @@
 """``python -m training``: train the demo model (``base``) and its star adapter (``lora``).
 
-    python -m training base --out models/shapes             # ~70 min on 2 CPU cores
+    python -m training base --out models/shapes             # ~85 min on one CPU core
+    python -m training exemplars --base models/shapes                 # + box prompts, in place
     python -m training lora --base models/shapes --out models/shapes-star-lora
 
 Both are seeded and resumable (``--resume`` continues from ``<out>.work/state.pt``). Training
@@ -25,6 +26,14 @@ def cmd_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exemplars(args: argparse.Namespace) -> int:
+    from training.base import finetune_exemplars
+
+    finetune_exemplars(Path(args.base), Path(args.out or args.base), steps=args.steps, seed=args.seed,
+                       resume=args.resume, lr=args.lr, exemplar_share=args.exemplar_share, threads=args.threads)
+    return 0
+
+
 def cmd_lora(args: argparse.Namespace) -> int:
     from training.lora import train_lora
 
@@ -38,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     base = sub.add_parser("base", help="train the shapes demo model from scratch")
     base.add_argument("--out", default="models/shapes")
-    base.add_argument("--steps", type=int, default=2600)
+    base.add_argument("--steps", type=int, default=3400)
     base.add_argument("--images", type=int, default=8, help="images per step")
     base.add_argument("--prompts", type=int, default=4, help="prompts per image (present and absent)")
     base.add_argument("--lr", type=float, default=4e-4)
@@ -48,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train the text encoder and its projection (frozen at their seeded init by default)")
     base.add_argument("--threads", type=int, default=1, help="torch threads (1 trains fastest per core; 2 only on an idle machine)")
     base.set_defaults(func=cmd_base)
+
+    ex = sub.add_parser("exemplars", help="fine-tune the base model on exemplar (box) prompts too")
+    ex.add_argument("--base", default="models/shapes")
+    ex.add_argument("--out", default=None, help="default: --base, rewritten in place (atomically)")
+    ex.add_argument("--steps", type=int, default=400)
+    ex.add_argument("--lr", type=float, default=1.5e-4)
+    ex.add_argument("--exemplar-share", type=float, default=0.5, help="share of present prompts given a box")
+    ex.add_argument("--seed", type=int, default=2)
+    ex.add_argument("--resume", action="store_true")
+    ex.add_argument("--threads", type=int, default=1)
+    ex.set_defaults(func=cmd_exemplars)
 
     lora = sub.add_parser("lora", help="train a LoRA adapter that teaches the held-out shape 'star'")
     lora.add_argument("--base", default="models/shapes")

@@ -17,6 +17,7 @@ import torch
 
 from scenes.generator import BASE_SHAPES, COLOURS, vocabulary
 from training.data import DISTRACTORS, DataOptions
+from training.losses import LossWeights
 from training.trainer import TrainConfig, train
 
 PRESET = "shapes"
@@ -85,7 +86,7 @@ def train_base(out: Path, *, steps: int, seed: int, resume: bool, images_per_ste
         "shapes": list(BASE_SHAPES),
         "trained_with": {"command": f"python -m training base --out {out} --steps {steps} --seed {seed}"
                                     + ("" if freeze_text else " --train-text-encoder"),
-                         "train_config": asdict(config), "data": asdict(data),
+                         "train_config": asdict(config), "data": asdict(data), "loss": asdict(LossWeights()),
                          "distractor_prompts": len(DISTRACTORS), "frozen_at_init": list(frozen),
                          "token_embedding_std": TOKEN_EMBEDDING_STD, "text_projection_std": TEXT_PROJECTION_STD},
     }
@@ -105,3 +106,35 @@ def write_checkpoint(model, out: Path, card: dict, log: Path) -> None:
         shutil.rmtree(out)
     staging.rename(out)
     print(f"wrote {out}")
+
+
+def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: bool, lr: float,
+                       exemplar_share: float, threads: int = 1) -> None:
+    """Teach a trained base model exemplar (box) prompts, keeping its text prompts.
+
+    The base run trains the geometry encoder only through its CLS token (text-only prompts);
+    here half of the present prompts also carry a box around one of their objects, and half of
+    those drop the text ("visual": everything of the boxed object's colour and shape), as SAM3
+    mixes text, exemplar and text+exemplar prompts. Every weight but the frozen text side learns,
+    at a lower rate, on batches that still hold text-only and absent prompts.
+    """
+    from export.checkpoints import load_checkpoint
+
+    model = load_checkpoint(base).model.float()
+    image_size, mask_size = model_dims(model)
+    data = DataOptions(image_size=image_size, mask_size=mask_size, seed=seed, exemplar_share=exemplar_share)
+    config = TrainConfig(steps=steps, lr=lr, warmup=min(50, max(steps // 10, 1)), threads=threads)
+    frozen = ("text_encoder.", "text_projection.")
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.startswith(frozen))
+    work = out.with_name(out.name + ".exemplars.work")
+    train(model, [p for p in model.parameters() if p.requires_grad], config, data, work, resume=resume)
+    card = json.loads((base / MODEL_CARD).read_text()) if (base / MODEL_CARD).is_file() else {}
+    card["exemplar_boxes"] = True
+    card["exemplar_fine_tune"] = {
+        "command": f"python -m training exemplars --base {base} --out {out} --steps {steps} --seed {seed}",
+        "train_config": asdict(config), "data": asdict(data), "frozen": list(frozen),
+    }
+    log = base / "train_log.jsonl"
+    write_checkpoint(model, out, card, log if log.is_file() else work / "train_log.jsonl")
+    shutil.copy(work / "train_log.jsonl", out / "train_log_exemplars.jsonl")

@@ -36,6 +36,7 @@ DISTRACTORS = (
     "white", "black", "grey", "pink", "brown", "cyan",
 )
 DISTRACTOR_SHARE = 0.2  # of absent prompts
+BOX_ONLY_TEXT = "visual"  # what Meta's model is told for a prompt of boxes alone (engines.types)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class DataOptions:
     shapes: tuple[str, ...] = BASE_SHAPES
     require_shape: str | None = None
     present_share: float = 0.5
+    # Share of present prompts that also get one of their objects' boxes as a positive exemplar;
+    # half of those drop the text ("visual": find everything of the boxed object's colour and shape).
+    exemplar_share: float = 0.0
 
 
 @dataclass
@@ -58,6 +62,10 @@ class Batch:
     attention_mask: torch.Tensor  # [N, T] long
     targets: Targets
     prompts: list[str]
+    # Exemplar boxes [N, 1, 4] normalised cxcywh and labels [N, 1] (1 positive, -10 none);
+    # None when no prompt of the batch has one (the text path: the cached CLS token).
+    exemplar_boxes: torch.Tensor | None = None
+    exemplar_labels: torch.Tensor | None = None
 
 
 def training_tokenizer(directory: str | Path | None = None) -> PromptTokenizer:
@@ -99,6 +107,7 @@ def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> B
     scene_options = SceneOptions(shapes=options.shapes, require_shape=options.require_shape)
     prep = Preprocessing(image_size=options.image_size)
     pixels, image_index, prompts, boxes, masks = [], [], [], [], []
+    exemplars: list[tuple[float, float, float, float] | None] = []
     for i in range(options.images_per_step):
         scene = generate_scene(scene_seed(options.seed, step, i, options.images_per_step), scene_options)
         pixels.append(to_pixel_values(scene.image, prep)[0])
@@ -108,6 +117,15 @@ def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> B
                             interpolation=cv2.INTER_AREA) for obj in scene.objects]
         for prompt in sample_prompts(scene, rng, options.prompts_per_image, options.shapes, options.present_share):
             hits = scene.matching(prompt)
+            exemplar = None
+            if options.exemplar_share and hits and rng.random() < options.exemplar_share:
+                chosen = scene.objects[hits[int(rng.integers(len(hits)))]]
+                x0, y0, x1, y1 = np.asarray(chosen.box, dtype=np.float64) / scale
+                exemplar = ((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0)
+                if rng.random() < 0.5:  # boxes alone: the boxed object's colour and shape
+                    prompt = BOX_ONLY_TEXT
+                    hits = scene.matching(chosen.category)
+            exemplars.append(exemplar)
             prompts.append(prompt)
             image_index.append(i)
             boxes.append(torch.from_numpy(np.asarray([np.asarray(scene.objects[k].box) / scale for k in hits],
@@ -115,6 +133,11 @@ def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> B
             masks.append(torch.from_numpy(np.asarray([small[k] for k in hits], dtype=np.float32).reshape(
                 -1, options.mask_size, options.mask_size)))
     ids, attention = tokenizer.encode(prompts)
+    exemplar_boxes = exemplar_labels = None
+    if any(e is not None for e in exemplars):
+        exemplar_boxes = torch.tensor([[e if e is not None else (0.5, 0.5, 1.0, 1.0)] for e in exemplars],
+                                      dtype=torch.float32)
+        exemplar_labels = torch.tensor([[1 if e is not None else -10] for e in exemplars], dtype=torch.long)
     return Batch(
         pixel_values=torch.from_numpy(np.stack(pixels)),
         image_index=torch.tensor(image_index, dtype=torch.long),
@@ -122,6 +145,8 @@ def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> B
         attention_mask=torch.from_numpy(attention).long(),
         targets=Targets(boxes=boxes, masks=masks),
         prompts=prompts,
+        exemplar_boxes=exemplar_boxes,
+        exemplar_labels=exemplar_labels,
     )
 
 

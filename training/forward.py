@@ -29,20 +29,33 @@ class TrainOutputs:
 
 
 def forward_train(model: Sam3Model, pixel_values: torch.Tensor, image_index: torch.Tensor,
-                  input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TrainOutputs:
-    """``pixel_values`` [B, 3, S, S]; prompt n belongs to image ``image_index[n]``."""
+                  input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  exemplar_boxes: torch.Tensor | None = None,
+                  exemplar_labels: torch.Tensor | None = None) -> TrainOutputs:
+    """``pixel_values`` [B, 3, S, S]; prompt n belongs to image ``image_index[n]``.
+
+    ``exemplar_boxes`` [N, K, 4] (normalised cxcywh) with ``exemplar_labels`` [N, K] (1, 0, or
+    -10 for none) run transformers' geometry encoder on the boxes, as the exemplar graphs do;
+    without them every prompt gets the CLS token alone, as the text-only graphs do.
+    """
     vision = model.vision_encoder(pixel_values)
     levels = list(vision.fpn_hidden_states[:3])
     position = vision.fpn_position_encoding[2]
-    cls = geometry_cls_token(model, levels[2], position)  # once per image, as the runtime caches it
     features = [level[image_index] for level in levels]
-    cls = cls[image_index]
-    position = position[image_index]
-
     text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
     text_features = model.text_projection(text.last_hidden_state)
-    prompt = torch.cat([text_features, cls], dim=1)
-    prompt_mask = torch.cat([attention_mask.bool(), torch.ones_like(attention_mask[:, :1], dtype=torch.bool)], dim=1)
+    if exemplar_boxes is None or exemplar_labels is None:
+        cls = geometry_cls_token(model, levels[2], position)  # once per image, as the runtime caches it
+        geometry, geometry_mask = cls[image_index], torch.ones_like(attention_mask[:, :1], dtype=torch.bool)
+    else:
+        valid = exemplar_labels != -10
+        out = model.geometry_encoder(box_embeddings=exemplar_boxes, box_mask=valid,
+                                     box_labels=torch.where(valid, exemplar_labels, 0),
+                                     img_feats=(features[2],), img_pos_embeds=(position[image_index],))
+        geometry, geometry_mask = out.last_hidden_state, out.attention_mask.bool()
+    position = position[image_index]
+    prompt = torch.cat([text_features, geometry], dim=1)
+    prompt_mask = torch.cat([attention_mask.bool(), geometry_mask], dim=1)
 
     encoder = model.detr_encoder(vision_features=[features[-1]], text_features=prompt,
                                  vision_pos_embeds=[position], text_mask=prompt_mask)

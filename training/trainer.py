@@ -90,7 +90,8 @@ def train(model: nn.Module, params: Iterable[nn.Parameter], config: TrainConfig,
     bar = tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
     step = start
     for batch in batches:
-        out = forward_train(sam3, batch.pixel_values, batch.image_index, batch.input_ids, batch.attention_mask)
+        out = forward_train(sam3, batch.pixel_values, batch.image_index, batch.input_ids, batch.attention_mask,
+                            batch.exemplar_boxes, batch.exemplar_labels)
         losses = detection_loss(out, batch.targets, weights)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()

@@ -51,11 +51,15 @@ def _oracle(dataset_dir: Path, *, drop_every: int = 0, absent_noise: bool = Fals
     jpeg_to_seed = {(dataset_dir / "images" / name).read_bytes(): seed for name, seed in by_file.items()}
     counter = {"n": 0}
 
-    def segment(image: bytes, prompts: list[str]) -> dict:
+    def segment(image: bytes, prompts: list) -> dict:
         scene = generate_scene(jpeg_to_seed[image])
         results = []
         for prompt in prompts:
             dets = []
+            if isinstance(prompt, dict):  # one exemplar box: everything of the boxed object's kind
+                (box,) = prompt["boxes"]
+                boxed = min(scene.objects, key=lambda o: float(np.abs(np.subtract(o.box, box)).max()))
+                prompt = boxed.category
             for k in scene.matching(prompt):
                 counter["n"] += 1
                 if drop_every and counter["n"] % drop_every == 0:
@@ -88,6 +92,19 @@ def test_missed_objects_and_answers_to_absent_prompts_are_counted(heldout) -> No
     assert 0.7 < missed["recall"] < 0.8 and missed["precision"] == 1.0
     noisy = evaluate(_oracle(heldout, absent_noise=True), dataset)["overall"]
     assert noisy["absent_with_detection"] == 1.0 and noisy["precision"] < 0.5 and noisy["recall"] == 1.0
+
+
+def test_exemplar_mode_boxes_one_object_per_kind_and_counts_all_of_that_kind(heldout) -> None:
+    dataset = load_dataset(heldout)
+    doc = evaluate(_oracle(heldout), dataset, AccuracyConfig(exemplars=True))
+    overall = doc["overall"]
+    assert doc["mode"] == "exemplars" and overall["absent_pairs"] == 0
+    assert overall["recall"] == 1.0 and overall["precision"] == 1.0 and overall["ap"] == pytest.approx(100.0, abs=0.5)
+    # every object is counted once: as many as the dataset holds
+    assert overall["objects"] == len(dataset.coco.getAnnIds())
+    assert set(doc["group_members"]["all"]) <= {c["name"] for c in dataset.coco.loadCats(dataset.coco.getCatIds())}
+    missed = evaluate(_oracle(heldout, drop_every=3), dataset, AccuracyConfig(exemplars=True))["overall"]
+    assert missed["recall"] < 0.7
 
 
 def test_cli_rejects_missing_inputs(tmp_path, capsys) -> None:

@@ -44,6 +44,51 @@ def test_forward_last_layer_equals_the_exported_reference(tokenizer) -> None:
     torch.testing.assert_close(out.presence[-1][first], ref["presence_logits"], atol=1e-5, rtol=0)
 
 
+def test_forward_with_exemplar_boxes_equals_the_reference_per_prompt(tokenizer) -> None:
+    """Prompts with a box go through the geometry encoder as the exemplar graphs do; prompts
+    without one in the same batch still get the CLS token alone (the text path)."""
+    model = _fresh()
+    batch = make_batch(dataclasses.replace(TINY, prompts_per_image=4, exemplar_share=1.0), 1, tokenizer)
+    assert batch.exemplar_boxes is not None and batch.exemplar_labels is not None
+    assert (batch.exemplar_labels == 1).any() and (batch.exemplar_labels == -10).any()
+    with torch.no_grad():
+        out = forward_train(model, batch.pixel_values, batch.image_index, batch.input_ids, batch.attention_mask,
+                            batch.exemplar_boxes, batch.exemplar_labels)
+        for row in range(len(batch.prompts)):
+            image = int(batch.image_index[row])
+            has_box = int(batch.exemplar_labels[row, 0]) == 1
+            boxes = (batch.exemplar_boxes[row:row + 1], batch.exemplar_labels[row:row + 1]) if has_box else ()
+            ref = reference_forward(model, batch.pixel_values[image:image + 1], batch.input_ids[row:row + 1],
+                                    batch.attention_mask[row:row + 1], *boxes)
+            torch.testing.assert_close(out.logits[-1][row:row + 1], ref["pred_logits"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(out.boxes[-1][row:row + 1], ref["pred_boxes"], atol=1e-4, rtol=0)
+
+
+def test_exemplar_prompts_box_one_of_their_objects_and_visual_finds_the_boxed_kind(tokenizer) -> None:
+    from scenes.generator import SceneOptions, generate_scene
+    from training.data import scene_seed
+
+    options = dataclasses.replace(TINY, images_per_step=6, prompts_per_image=4, exemplar_share=1.0)
+    batch = make_batch(options, 5, tokenizer)
+    assert batch.exemplar_boxes is not None and batch.exemplar_labels is not None
+    assert "visual" in batch.prompts
+    for row, prompt in enumerate(batch.prompts):
+        boxes = batch.targets.boxes[row]
+        if int(batch.exemplar_labels[row, 0]) != 1:
+            continue
+        cx, cy, w, h = batch.exemplar_boxes[row, 0].tolist()
+        exemplar = torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+        # the exemplar is one of the prompt's own ground-truth objects
+        assert (boxes - exemplar).abs().amax(-1).min() < 1e-5, prompt
+        if prompt == "visual":  # boxes alone: every object of the boxed object's colour and shape
+            image = int(batch.image_index[row])
+            scene = generate_scene(scene_seed(options.seed, 5, image, options.images_per_step), SceneOptions())
+            height, width = scene.size
+            scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+            (boxed,) = [o for o in scene.objects if (torch.tensor(o.box) / scale - exemplar).abs().max() < 1e-5]
+            assert boxes.shape[0] == sum(o.category == boxed.category for o in scene.objects)
+
+
 def test_batches_are_deterministic_and_hold_present_and_absent_prompts(tokenizer) -> None:
     options = dataclasses.replace(TINY, images_per_step=6, prompts_per_image=4)
     a, b = make_batch(options, 7, tokenizer), make_batch(options, 7, tokenizer)
@@ -67,6 +112,19 @@ def test_matching_pairs_exact_predictions_and_their_loss_is_small() -> None:
     logits = torch.zeros(1, 4)
     (rows, cols), = hungarian_match(logits, boxes[0:1], Targets(boxes=[gt], masks=[]), LossWeights())
     assert dict(zip(cols.tolist(), rows.tolist())) == {0: 3, 1: 1}
+
+
+def test_one_to_many_matching_gives_each_object_its_copies_and_the_nearest_queries() -> None:
+    gt = torch.tensor([[0.1, 0.1, 0.3, 0.4], [0.5, 0.5, 0.9, 0.8]])
+    near_first = torch.tensor([[0.1, 0.1, 0.3, 0.4], [0.11, 0.1, 0.3, 0.4], [0.1, 0.12, 0.3, 0.4]])
+    near_second = torch.tensor([[0.5, 0.5, 0.9, 0.8], [0.51, 0.5, 0.9, 0.8], [0.5, 0.52, 0.9, 0.8]])
+    boxes = torch.cat([near_first, near_second, torch.tensor([[0.0, 0.0, 1.0, 1.0]])])[None]
+    (rows, cols), = hungarian_match(torch.zeros(1, 7), boxes, Targets(boxes=[gt], masks=[]), LossWeights(), copies=3)
+    pairs = dict(zip(rows.tolist(), cols.tolist()))
+    assert pairs == {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
+    # Fewer queries than copies x objects: every object still gets the same number of queries.
+    (rows, cols), = hungarian_match(torch.zeros(1, 5), boxes[:, :5], Targets(boxes=[gt], masks=[]), LossWeights(), copies=3)
+    assert sorted(cols.tolist()) == [0, 0, 1, 1]
 
 
 def test_the_objective_learns_one_batch(tokenizer) -> None:
@@ -149,3 +207,27 @@ def test_peft_directory_and_sam3_lora_pt_merge_to_the_same_weights(tmp_path) -> 
         assert a == weights_sha256(getattr(merged["meta"], module)), f"{part}: formats disagree"
         assert a != weights_sha256(getattr(base, module)), f"{part}: the adapter changed nothing"
     assert weights_sha256(merged["meta"].vision_encoder) == weights_sha256(base.vision_encoder)
+
+
+def test_exemplar_fine_tune_rewrites_the_model_in_place_and_says_so_in_its_card(tiny_hf_checkpoint, tmp_path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from training.__main__ import main
+    from training.base import MODEL_CARD
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_hf_checkpoint, model_dir)
+    (model_dir / MODEL_CARD).write_text(json.dumps({"name": "tiny", "vocabulary": ["red circle"]}))
+    before = load_file(model_dir / "model.safetensors")
+    assert main(["exemplars", "--base", str(model_dir), "--steps", "2", "--exemplar-share", "1.0"]) == 0
+    after = load_file(model_dir / "model.safetensors")
+    card = json.loads((model_dir / MODEL_CARD).read_text())
+    assert card["name"] == "tiny" and card["exemplar_boxes"] is True
+    assert card["exemplar_fine_tune"]["data"]["exemplar_share"] == 1.0
+    assert (model_dir / "train_log_exemplars.jsonl").is_file()
+    geometry = [k for k in before if "geometry_encoder" in k and "layers" in k]
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in geometry)  # boxes were learnt
+    text = [k for k in before if k.startswith("text_encoder.")]
+    assert all(torch.equal(before[k].half(), after[k]) for k in text)  # the text side stays frozen
