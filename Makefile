@@ -47,7 +47,8 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# Retrain the shipped models (not in CI): ~65 min + ~15 min on one CPU core; --resume continues.
+# Retrain the shipped models (not in CI): base ~65 min on one CPU core, then its exemplar (box)
+# fine-tune (~12 min) and the star LoRA (~15 min); --resume continues.
 train: venv
 	$(PY) -m training base --out $(SHAPES_MODEL)
 	$(PY) -m training exemplars --base $(SHAPES_MODEL)

@@ -1,6 +1,6 @@
 """``python -m training``: train the demo model (``base``) and its star adapter (``lora``).
 
-    python -m training base --out models/shapes             # ~85 min on one CPU core
+    python -m training base --out models/shapes             # ~65 min on one CPU core
     python -m training exemplars --base models/shapes                 # + box prompts, in place
     python -m training lora --base models/shapes --out models/shapes-star-lora
 
@@ -30,7 +30,8 @@ def cmd_exemplars(args: argparse.Namespace) -> int:
     from training.base import finetune_exemplars
 
     finetune_exemplars(Path(args.base), Path(args.out or args.base), steps=args.steps, seed=args.seed,
-                       resume=args.resume, lr=args.lr, exemplar_share=args.exemplar_share, threads=args.threads)
+                       resume=args.resume, lr=args.lr, exemplar_share=args.exemplar_share,
+                       aux_copies=args.aux_copies, threads=args.threads)
     return 0
 
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     base = sub.add_parser("base", help="train the shapes demo model from scratch")
     base.add_argument("--out", default="models/shapes")
-    base.add_argument("--steps", type=int, default=3400)
+    base.add_argument("--steps", type=int, default=2600)
     base.add_argument("--images", type=int, default=8, help="images per step")
     base.add_argument("--prompts", type=int, default=4, help="prompts per image (present and absent)")
     base.add_argument("--lr", type=float, default=4e-4)
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--steps", type=int, default=400)
     ex.add_argument("--lr", type=float, default=1.5e-4)
     ex.add_argument("--exemplar-share", type=float, default=0.5, help="share of present prompts given a box")
+    ex.add_argument("--aux-copies", type=int, default=3,
+                    help="queries matched per object in the intermediate decoder layers (1: one-to-one)")
     ex.add_argument("--seed", type=int, default=2)
     ex.add_argument("--resume", action="store_true")
     ex.add_argument("--threads", type=int, default=1)

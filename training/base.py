@@ -109,7 +109,7 @@ def write_checkpoint(model, out: Path, card: dict, log: Path) -> None:
 
 
 def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: bool, lr: float,
-                       exemplar_share: float, threads: int = 1) -> None:
+                       exemplar_share: float, aux_copies: int = 3, threads: int = 1) -> None:
     """Teach a trained base model exemplar (box) prompts, keeping its text prompts.
 
     The base run trains the geometry encoder only through its CLS token (text-only prompts);
@@ -117,6 +117,8 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     those drop the text ("visual": everything of the boxed object's colour and shape), as SAM3
     mixes text, exemplar and text+exemplar prompts. Every weight but the frozen text side learns,
     at a lower rate, on batches that still hold text-only and absent prompts.
+    The intermediate decoder layers match each object to ``aux_copies`` queries (the last layer
+    one), for more positives per step in a short run.
     """
     from export.checkpoints import load_checkpoint
 
@@ -128,12 +130,15 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(frozen))
     work = out.with_name(out.name + ".exemplars.work")
-    train(model, [p for p in model.parameters() if p.requires_grad], config, data, work, resume=resume)
+    weights = LossWeights(aux_copies=aux_copies)
+    train(model, [p for p in model.parameters() if p.requires_grad], config, data, work, resume=resume,
+          weights=weights)
     card = json.loads((base / MODEL_CARD).read_text()) if (base / MODEL_CARD).is_file() else {}
     card["exemplar_boxes"] = True
     card["exemplar_fine_tune"] = {
-        "command": f"python -m training exemplars --base {base} --out {out} --steps {steps} --seed {seed}",
-        "train_config": asdict(config), "data": asdict(data), "frozen": list(frozen),
+        "command": f"python -m training exemplars --base {base} --out {out} --steps {steps} --seed {seed} "
+                   f"--aux-copies {aux_copies}",
+        "train_config": asdict(config), "data": asdict(data), "loss": asdict(weights), "frozen": list(frozen),
     }
     log = base / "train_log.jsonl"
     write_checkpoint(model, out, card, log if log.is_file() else work / "train_log.jsonl")

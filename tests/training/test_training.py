@@ -226,6 +226,7 @@ def test_exemplar_fine_tune_rewrites_the_model_in_place_and_says_so_in_its_card(
     card = json.loads((model_dir / MODEL_CARD).read_text())
     assert card["name"] == "tiny" and card["exemplar_boxes"] is True
     assert card["exemplar_fine_tune"]["data"]["exemplar_share"] == 1.0
+    assert card["exemplar_fine_tune"]["loss"]["aux_copies"] == 3
     assert (model_dir / "train_log_exemplars.jsonl").is_file()
     geometry = [k for k in before if "geometry_encoder" in k and "layers" in k]
     assert any(not torch.equal(before[k].float(), after[k].float()) for k in geometry)  # boxes were learnt
