@@ -117,6 +117,7 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     those drop the text ("visual": everything of the boxed object's colour and shape), as SAM3
     mixes text, exemplar and text+exemplar prompts. Every weight but the frozen text side learns,
     at a lower rate, on batches that still hold text-only and absent prompts.
+
     The intermediate decoder layers match each object to ``aux_copies`` queries (the last layer
     one), for more positives per step in a short run.
     """

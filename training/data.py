@@ -22,6 +22,7 @@ import torch
 from engines.bundle import Preprocessing, TokenizerInfo
 from engines.preprocess import to_pixel_values
 from engines.tokenizer import PromptTokenizer
+from engines.types import BOX_ONLY_TEXT  # "visual": what Meta's model is told for boxes alone
 from scenes.generator import BASE_SHAPES, COLOURS, Scene, SceneOptions, generate_scene, vocabulary
 from training.losses import Targets
 
@@ -36,7 +37,6 @@ DISTRACTORS = (
     "white", "black", "grey", "pink", "brown", "cyan",
 )
 DISTRACTOR_SHARE = 0.2  # of absent prompts
-BOX_ONLY_TEXT = "visual"  # what Meta's model is told for a prompt of boxes alone (engines.types)
 
 
 @dataclass(frozen=True)
