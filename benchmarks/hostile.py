@@ -88,6 +88,7 @@ class Server:
 
 
 def smooth_jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """A photo-like JPEG (smooth colour fields): large in pixels, a few MB in bytes."""
     rng = np.random.default_rng(seed)
     small = (rng.random((height // 64 + 2, width // 64 + 2, 3)) * 255).astype(np.uint8)
     buf = io.BytesIO()

@@ -226,18 +226,19 @@ class Sam3Pipeline:
         """Typed errors for prompts this pipeline would refuse; checked prompts are not re-checked."""
         return self.tokenizer.validate(prompts)
 
-    def check_exemplars(self, prompts: Sequence[ExemplarPrompt], image_size: ImageSize) -> tuple[ExemplarPrompt, ...]:
+    def check_exemplars(self, prompts: Sequence[ExemplarPrompt],
+                        image_size: ImageSize | None) -> tuple[ExemplarPrompt, ...]:
         """Typed errors for exemplar prompts this pipeline would refuse on an image of ``image_size``.
 
         Boxes are pixel xyxy of the original image and must lie inside it, with positive width
         and height. A prompt of negative boxes alone is refused: both references accept it, but
-        with no text and no positive box it names nothing to find.
+        with no text and no positive box it names nothing to find. ``image_size`` None checks
+        everything but the bounds (a server before it has decoded the image).
         """
         prompts = tuple(prompts)
         if any(p.boxes for p in prompts) and not self.max_boxes:
             raise ExemplarsUnsupported(f"exemplar boxes cannot be served: {self.exemplars_unavailable}")
         self.check_prompts([p.model_text for p in prompts])
-        width, height = image_size
         for index, prompt in enumerate(prompts):
             where = f"prompt {index}"
             if len(prompt.boxes) > self.max_boxes:
@@ -250,8 +251,8 @@ class Sam3Pipeline:
                 x0, y0, x1, y1 = b.box
                 if not (x1 > x0 and y1 > y0):
                     raise InvalidBox(f"{where}: box {b.box} is degenerate (needs x1 > x0 and y1 > y0)")
-                if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-                    raise InvalidBox(f"{where}: box {b.box} is outside the {width}x{height} image")
+                if image_size is not None and (x0 < 0 or y0 < 0 or x1 > image_size.width or y1 > image_size.height):
+                    raise InvalidBox(f"{where}: box {b.box} is outside the {image_size.width}x{image_size.height} image")
         return prompts
 
     def load_image(self, source: ImageSource, *, image_id: str | None = None) -> LoadedImage:

@@ -42,9 +42,6 @@ from server.schemas import RESPONSE_STAGES
 from server.settings import Settings
 from server.worker import InferenceWorker
 
-# An image size no box exceeds: the request-time exemplar check leaves the bounds to the job.
-_ANY_SIZE = 2**31 - 1
-
 if TYPE_CHECKING:  # the worker thread imports the runtime; the HTTP layer only needs its types
     from engines.pipeline import Sam3Pipeline
 
@@ -191,7 +188,7 @@ class SegmentService:
         if any(isinstance(p, ExemplarPrompt) and p.boxes for p in prompts):
             exemplars = tuple(p if isinstance(p, ExemplarPrompt) else ExemplarPrompt(text=p) for p in prompts)
             # Everything but the image bounds, which the job checks once the image is known.
-            pipeline.check_exemplars(exemplars, ImageSize(_ANY_SIZE, _ANY_SIZE))
+            pipeline.check_exemplars(exemplars, None)
         options = pipeline.segment_options(options)
         # Prompts x detections is bounded: each prompt keeps at most max_masks // prompts.
         share = max(1, self.settings.max_masks // len(clean))

@@ -71,3 +71,19 @@ def star_bundle(tmp_path_factory) -> Path:
     assert main(["build", "--checkpoint", str(SHAPES_MODEL), "--lora", str(STAR_LORA / "peft"), "--out", str(out),
                  "--skip-fp16-error-run", "--verify-cases", "2"]) == 0
     return out
+
+
+def text_only_copy(bundle: Path, dest: Path) -> Path:
+    """A copy of ``bundle`` as written before exemplar prompts: no geometry graphs, no exemplar parity."""
+    import json
+    import shutil
+
+    from engines.bundle import EXEMPLAR_PART_NAMES, MANIFEST_FILE
+
+    shutil.copytree(bundle, dest, ignore=shutil.ignore_patterns("engines"))
+    data = json.loads((dest / MANIFEST_FILE).read_text())
+    for name in EXEMPLAR_PART_NAMES:
+        (dest / data["parts"].pop(name)["file"]).unlink()
+    data.get("parity", {}).pop("exemplars", None)
+    (dest / MANIFEST_FILE).write_text(json.dumps(data))
+    return dest

@@ -133,17 +133,9 @@ def test_negative_only_needs_text(pipeline) -> None:
 
 
 def test_bundle_without_exemplar_graphs_refuses_boxes(tiny_bundle, tmp_path) -> None:
-    import json
-    import shutil
+    from tests.conftest import text_only_copy
 
-    from engines.bundle import EXEMPLAR_PART_NAMES, MANIFEST_FILE
-
-    old = tmp_path / "text-only"
-    shutil.copytree(tiny_bundle, old, ignore=shutil.ignore_patterns("engines"))
-    data = json.loads((old / MANIFEST_FILE).read_text())
-    for name in EXEMPLAR_PART_NAMES:
-        (old / data["parts"].pop(name)["file"]).unlink()
-    (old / MANIFEST_FILE).write_text(json.dumps(data))
+    old = text_only_copy(tiny_bundle, tmp_path / "text-only")
     with Sam3Pipeline.from_bundle(old, backend="onnxruntime") as pipe:
         assert pipe.describe()["exemplars"]["max_boxes"] == 0
         with pytest.raises(ExemplarsUnsupported, match="no exemplar graphs"):

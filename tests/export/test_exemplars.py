@@ -180,19 +180,11 @@ def test_bundle_declares_and_verifies_exemplar_graphs(tiny_bundle) -> None:
 
 def test_bundle_without_exemplar_graphs_loads_and_serves_text(tiny_bundle, tmp_path) -> None:
     """A bundle written before exemplar prompts (no geometry graphs) still loads and segments text."""
-    import json
-    import shutil
-
-    from engines.bundle import EXEMPLAR_PART_NAMES, MANIFEST_FILE, Bundle
+    from engines.bundle import Bundle
     from engines.pipeline import Sam3Pipeline
+    from tests.conftest import text_only_copy
 
-    old = tmp_path / "text-only"
-    shutil.copytree(tiny_bundle, old, ignore=shutil.ignore_patterns("engines"))
-    data = json.loads((old / MANIFEST_FILE).read_text())
-    for name in EXEMPLAR_PART_NAMES:
-        (old / data["parts"].pop(name)["file"]).unlink()
-    data["parity"].pop("exemplars")
-    (old / MANIFEST_FILE).write_text(json.dumps(data))
+    old = text_only_copy(tiny_bundle, tmp_path / "text-only")
     manifest = Bundle(old).manifest
     assert manifest.max_boxes == 0 and manifest.capabilities["exemplar_boxes"] is False
     image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import httpx
@@ -94,14 +93,9 @@ def test_openapi_documents_exemplar_entries(client: httpx.Client) -> None:
 
 def test_a_bundle_without_exemplar_graphs_refuses_boxes_and_does_not_document_them(
         server_bundle: Path, tmp_path: Path) -> None:
-    from engines.bundle import EXEMPLAR_PART_NAMES, MANIFEST_FILE
+    from tests.conftest import text_only_copy
 
-    text_only = tmp_path / "text-only"
-    shutil.copytree(server_bundle, text_only, ignore=shutil.ignore_patterns("engines"))
-    manifest = json.loads((text_only / MANIFEST_FILE).read_text())
-    for name in EXEMPLAR_PART_NAMES:
-        (text_only / manifest["parts"].pop(name)["file"]).unlink()
-    (text_only / MANIFEST_FILE).write_text(json.dumps(manifest))
+    text_only = text_only_copy(server_bundle, tmp_path / "text-only")
     (tmp_path / "logs").mkdir()
     proc = ServerProcess(text_only, SERVER_ENV, tmp_path / "logs").wait_ready()
     try:

@@ -14,27 +14,16 @@ Figures for the record: ``python -m benchmarks hostile`` (benchmarks/RESULTS.md)
 from __future__ import annotations
 
 import collections
-import io
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
 
+from benchmarks.hostile import smooth_jpeg  # a photo-like JPEG: large in pixels, a few MB in bytes
 from tests.server.conftest import ServerProcess
 
 MB = 1 << 20
-
-
-def smooth_jpeg(width: int, height: int, seed: int = 0) -> bytes:
-    """A photo-like JPEG (smooth colour fields): large in pixels, a few MB in bytes."""
-    rng = np.random.default_rng(seed)
-    small = (rng.random((height // 64 + 2, width // 64 + 2, 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
 
 
 def with_comment(jpeg: bytes, text: str) -> bytes:
