@@ -307,13 +307,11 @@ def pipeline_segmenter(bundle: str | Path, backend: str = "auto", config: Accura
 
 def _exemplar(entry: Any) -> Any:
     """A text or an exemplar entry (the API's JSON form) as the pipeline takes it."""
-    from engines.types import ExemplarBox, ExemplarPrompt
+    from engines.types import ExemplarPrompt
 
     if isinstance(entry, str):
         return ExemplarPrompt(text=entry)
-    labels = entry.get("labels") or [1] * len(entry["boxes"])
-    return ExemplarPrompt(text=entry.get("text"), boxes=tuple(
-        ExemplarBox(tuple(float(v) for v in box), positive=bool(label)) for box, label in zip(entry["boxes"], labels)))
+    return ExemplarPrompt.from_wire(entry["boxes"], entry.get("labels"), entry.get("text"))
 
 
 def http_segmenter(url: str, config: AccuracyConfig = AccuracyConfig(),

@@ -8,10 +8,11 @@ actually ran without timing the pipeline from outside.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from engines.errors import InvalidBox
 from engines.masks import DenseMask, MaskSource
 
 # Pipeline stages, in order: the keys of every ``timings_ms`` below (plus "total" on a segment).
@@ -58,6 +59,26 @@ class ExemplarPrompt:
 
     text: str | None = None
     boxes: tuple[ExemplarBox, ...] = ()
+
+    @classmethod
+    def from_wire(cls, boxes: Sequence[Sequence[float]], labels: Sequence[int] | None = None,
+                  text: str | None = None, index: int = 0) -> "ExemplarPrompt":
+        """The API's form (``boxes`` as [x0, y0, x1, y1], ``labels`` 1/0, default all 1) as the
+        pipeline takes it; :class:`InvalidBox` names prompt ``index`` when the form is wrong. The
+        boxes themselves are checked against the image by ``Sam3Pipeline.check_exemplars``."""
+        labels = list(labels) if labels is not None else [1] * len(boxes)
+        where = f"prompt {index}"
+        if not boxes:
+            raise InvalidBox(f"{where}: an exemplar entry needs at least one box")
+        if len(labels) != len(boxes):
+            raise InvalidBox(f"{where}: {len(labels)} labels for {len(boxes)} boxes")
+        if any(label not in (0, 1) for label in labels):
+            raise InvalidBox(f"{where}: labels are 1 (positive) or 0 (negative), got {labels}")
+        for box in boxes:
+            if len(box) != 4:
+                raise InvalidBox(f"{where}: a box is [x0, y0, x1, y1], got {list(box)}")
+        return cls(text=text, boxes=tuple(ExemplarBox((float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+                                                      positive=bool(label)) for box, label in zip(boxes, labels)))
 
     @property
     def model_text(self) -> str:

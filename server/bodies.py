@@ -19,7 +19,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from pydantic import ValidationError
 
 from engines.errors import InvalidBox, InvalidImage, InvalidPrompt, TooManyPrompts
-from engines.types import ExemplarBox, ExemplarPrompt
+from engines.types import ExemplarPrompt
 from server.cpu import CpuWork
 from server.errors import BadRequest, InvalidField, PayloadTooLarge, UnsupportedMediaType
 from server.image_ids import ID_PATTERN
@@ -39,19 +39,7 @@ class SegmentRequest:
 
 def exemplar_prompt(entry: ExemplarEntry, index: int) -> ExemplarPrompt:
     """An exemplar entry as the runtime takes it; the runtime checks the boxes against the image."""
-    labels = entry.labels if entry.labels is not None else [1] * len(entry.boxes)
-    where = f"prompt {index}"
-    if not entry.boxes:
-        raise InvalidBox(f"{where}: an exemplar entry needs at least one box")
-    if len(labels) != len(entry.boxes):
-        raise InvalidBox(f"{where}: {len(labels)} labels for {len(entry.boxes)} boxes")
-    if any(label not in (0, 1) for label in labels):
-        raise InvalidBox(f"{where}: labels are 1 (positive) or 0 (negative), got {labels}")
-    for box in entry.boxes:
-        if len(box) != 4:
-            raise InvalidBox(f"{where}: a box is [x0, y0, x1, y1], got {box}")
-    return ExemplarPrompt(text=entry.text, boxes=tuple(
-        ExemplarBox((box[0], box[1], box[2], box[3]), positive=bool(label)) for box, label in zip(entry.boxes, labels)))
+    return ExemplarPrompt.from_wire(entry.boxes, entry.labels, entry.text, index)
 
 
 def _form_exemplar(text: str, index: int) -> ExemplarPrompt:
