@@ -8,7 +8,8 @@ circle); every prompt is asked of every image, so absent prompts are measured to
 
 Per prompt and image, detections with score >= ``score_threshold`` are matched greedily (by
 score) to ground-truth masks at mask IoU >= ``iou_threshold``: precision, recall, mean IoU of
-the matches, and the share of absent (image, prompt) pairs that return any detection. COCO
+the matches, the share of absent (image, prompt) pairs that return any detection, and why each
+false positive is one (duplicate, badly outlined, another kind of object, background). COCO
 mask AP comes from pycocotools over the detections down to ``ap_score_floor``, one "category"
 per prompt. torch-free: the PyTorch segmenter lives in ``benchmarks/torch_segmenter.py``.
 
@@ -144,7 +145,8 @@ def evaluate(segment: Segmenter, dataset: Dataset, config: AccuracyConfig = Accu
                 detections.append({"image_id": image_id, "category_id": prompt_id, "score": float(d["score"]),
                                    "segmentation": _rle(d["mask"])})
             kept = [d for d in dets if d["score"] >= config.score_threshold]
-            per_prompt[prompt].add(kept, gt_rles, config.iou_threshold)
+            others = [coco.annToRLE(a) for a in anns if a["category_id"] not in wanted]
+            per_prompt[prompt].add(kept, gt_rles, config.iou_threshold, others)
         if progress is not None:
             progress(done + 1, len(image_ids))
     seconds = time.perf_counter() - started
@@ -187,33 +189,59 @@ def _exemplar_prompts(dataset: Dataset, anns: list[dict[str, Any]]) -> tuple[lis
     return asked, entries
 
 
+# Why a detection over the score threshold is not a true positive (TIDE's error types, simplified),
+# first that applies: it hits an object of the prompt already found (duplicate); it overlaps one by
+# LOCALISATION_IOU or more but less than the match IoU (found, badly outlined); it overlaps an object
+# of another kind that much (confusion); or nothing (background).
+LOCALISATION_IOU = 0.1
+FALSE_POSITIVE_KINDS = ("duplicate", "localisation", "confusion", "background")
+
+
 class _Counts:
     def __init__(self) -> None:
         self.tp = self.fp = self.objects = 0
         self.ious: list[float] = []
         self.absent = self.absent_with_detection = 0
+        self.fp_kinds = dict.fromkeys(FALSE_POSITIVE_KINDS, 0)
 
-    def add(self, kept: list[dict[str, Any]], gt_rles: list[dict[str, Any]], iou_threshold: float) -> None:
+    def add(self, kept: list[dict[str, Any]], gt_rles: list[dict[str, Any]], iou_threshold: float,
+            other_rles: Sequence[dict[str, Any]] = ()) -> None:
+        """``kept``: detections in descending score order; ``other_rles``: the image's other objects."""
         self.objects += len(gt_rles)
         if not gt_rles:
             self.absent += 1
             self.absent_with_detection += int(bool(kept))
-            self.fp += len(kept)
-            return
         if not kept:
             return
-        ious = np.asarray(mask_utils.iou([_rle(d["mask"]) for d in kept], gt_rles, [0] * len(gt_rles)))
-        ious = ious.reshape(len(kept), len(gt_rles))
+        masks = [_rle(d["mask"]) for d in kept]
+        ious = _ious(masks, gt_rles)
+        others = _ious(masks, list(other_rles))
         taken = np.zeros(len(gt_rles), dtype=bool)
-        for row in ious:  # detections are in descending score order
+        for row, other in zip(ious, others):
             candidates = np.where(~taken & (row >= iou_threshold), row, -1.0)
-            best = int(np.argmax(candidates))
-            if candidates[best] >= iou_threshold:
+            best = int(np.argmax(candidates)) if row.size else 0
+            if row.size and candidates[best] >= iou_threshold:
                 taken[best] = True
                 self.tp += 1
                 self.ious.append(float(row[best]))
+                continue
+            self.fp += 1
+            if row.size and row.max() >= iou_threshold:
+                kind = "duplicate"
+            elif row.size and row.max() >= LOCALISATION_IOU:
+                kind = "localisation"
+            elif other.size and other.max() >= LOCALISATION_IOU:
+                kind = "confusion"
             else:
-                self.fp += 1
+                kind = "background"
+            self.fp_kinds[kind] += 1
+
+
+def _ious(masks: list[dict[str, Any]], gts: list[dict[str, Any]]) -> np.ndarray:
+    """Mask IoU [detections, objects] (zero columns when there are no objects)."""
+    if not gts:
+        return np.zeros((len(masks), 0))
+    return np.asarray(mask_utils.iou(masks, gts, [0] * len(gts))).reshape(len(masks), len(gts))
 
 
 def _summary(counts: Sequence[_Counts], ap: dict[str, float] | None) -> dict[str, Any]:
@@ -229,6 +257,7 @@ def _summary(counts: Sequence[_Counts], ap: dict[str, float] | None) -> dict[str
         "mean_iou": round(float(np.mean(ious)), 4) if ious else 0.0,
         "absent_with_detection": round(absent_hit / absent, 4) if absent else 0.0,
         "true_positives": tp, "false_positives": fp, "objects": objects, "absent_pairs": absent,
+        "false_positive_kinds": {k: sum(c.fp_kinds[k] for c in counts) for k in FALSE_POSITIVE_KINDS},
     }
     if ap is not None:
         out.update(ap)
@@ -357,6 +386,12 @@ def markdown(doc: dict[str, Any]) -> str:
     for name, g in doc["groups"].items():
         lines.append(f"| {name} | {g['precision']:.3f} | {g['recall']:.3f} | {g['mean_iou']:.3f} | "
                      f"{g['absent_with_detection'] * 100:.1f} % | {g.get('ap', 0):.1f} | {g.get('ap50', 0):.1f} |")
+    kinds = doc["overall"].get("false_positive_kinds")
+    if kinds and doc["overall"]["false_positives"]:
+        lines += ["", f"False positives ({doc['overall']['false_positives']}): "
+                  + ", ".join(f"{k} {v}" for k, v in kinds.items())
+                  + f" (localisation: overlaps an object of the prompt by IoU >= {LOCALISATION_IOU} but under the "
+                  "match IoU; confusion: overlaps an object of another kind; background: neither)."]
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for goal in doc["goals"]:
         lines.append(f"| {goal['name']} | {goal['target']} | {goal['measured']} | {'yes' if goal['met'] else 'NO'} |")
@@ -407,6 +442,11 @@ def summary_markdown(directory: str | Path, same_weights: Sequence[tuple[str, st
     if "accuracy-bundle.json" in docs:
         for goal in docs["accuracy-bundle.json"]["goals"]:
             lines.append(f"| {goal['name']} | {goal['target']} | {goal['measured']} | {'yes' if goal['met'] else 'NO'} |")
+        overall = docs["accuracy-bundle.json"]["overall"]
+        kinds = overall.get("false_positive_kinds")
+        if kinds and overall["false_positives"]:
+            lines += ["", f"Why the shipped bundle's {overall['false_positives']} false positives are false "
+                      f"(score >= 0.5): " + ", ".join(f"{k} {v}" for k, v in kinds.items()) + "."]
 
     def ap(name: str, group: str = "all") -> float | None:
         g = _group(docs[name], group) if name in docs else None

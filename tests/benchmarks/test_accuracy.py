@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -47,7 +48,8 @@ def star_scenes(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------ metric code
-def _oracle(dataset_dir: Path, *, drop_every: int = 0, absent_noise: bool = False):
+def _oracle(dataset_dir: Path, *, drop_every: int = 0, absent_noise: bool = False, duplicate: bool = False,
+            grow: int = 0):
     """A segmenter that answers from the generator's ground truth (optionally wrong on purpose)."""
     annotations = json.loads((dataset_dir / "annotations.json").read_text())
     by_file = {Path(i["file_name"]).name: i["scene_seed"] for i in annotations["images"]}
@@ -67,9 +69,13 @@ def _oracle(dataset_dir: Path, *, drop_every: int = 0, absent_noise: bool = Fals
                 counter["n"] += 1
                 if drop_every and counter["n"] % drop_every == 0:
                     continue
-                rle = mask_utils.encode(np.asfortranarray(scene.objects[k].mask.astype(np.uint8)))
-                dets.append({"score": 0.9, "box": list(scene.objects[k].box),
-                             "mask": {"format": "rle", "size": list(scene.size), "counts": rle["counts"].decode()}})
+                mask = scene.objects[k].mask.astype(np.uint8)
+                if grow:  # the object and a band around it: found, badly outlined
+                    mask = cv2.dilate(mask, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8))
+                rle = mask_utils.encode(np.asfortranarray(mask))
+                det = {"score": 0.9, "box": list(scene.objects[k].box),
+                       "mask": {"format": "rle", "size": list(scene.size), "counts": rle["counts"].decode()}}
+                dets += [det, {**det, "score": 0.8}] if duplicate else [det]
             if absent_noise and not dets and scene.objects:
                 rle = mask_utils.encode(np.asfortranarray(scene.objects[0].mask.astype(np.uint8)))
                 dets.append({"score": 0.6, "box": [0, 0, 1, 1],
@@ -95,6 +101,21 @@ def test_missed_objects_and_answers_to_absent_prompts_are_counted(heldout) -> No
     assert 0.7 < missed["recall"] < 0.8 and missed["precision"] == 1.0
     noisy = evaluate(_oracle(heldout, absent_noise=True), dataset)["overall"]
     assert noisy["absent_with_detection"] == 1.0 and noisy["precision"] < 0.5 and noisy["recall"] == 1.0
+    # an absent prompt answered with another kind's object is a confusion, never a localisation error
+    assert noisy["false_positive_kinds"]["confusion"] == noisy["false_positives"] > 0
+
+
+def test_false_positives_are_told_apart_by_kind(heldout) -> None:
+    dataset = load_dataset(heldout)
+    twice = evaluate(_oracle(heldout, duplicate=True), dataset)["overall"]
+    assert twice["recall"] == 1.0 and twice["false_positives"] == twice["true_positives"]
+    assert twice["false_positive_kinds"] == {"duplicate": twice["false_positives"], "localisation": 0,
+                                             "confusion": 0, "background": 0}
+    # masks grown by 25 px all round: every object is overlapped, few by IoU >= 0.5
+    grown = evaluate(_oracle(heldout, grow=25), dataset)["overall"]
+    kinds = grown["false_positive_kinds"]
+    assert grown["recall"] < 0.5 and kinds["localisation"] > 0.9 * grown["false_positives"]
+    assert kinds["duplicate"] == 0
 
 
 def test_exemplar_mode_boxes_one_object_per_kind_and_counts_all_of_that_kind(heldout) -> None:
