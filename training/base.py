@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -93,8 +94,9 @@ def train_base(out: Path, *, steps: int, seed: int, resume: bool, images_per_ste
     write_checkpoint(model, out, card, work / "train_log.jsonl")
 
 
-def write_checkpoint(model, out: Path, card: dict, log: Path) -> None:
-    """config.json + fp16 model.safetensors + model card + loss log, written then renamed."""
+def write_checkpoint(model, out: Path, card: dict, log: Path, extra_files: Sequence[Path] = ()) -> None:
+    """config.json + fp16 model.safetensors + model card + loss log (+ ``extra_files`` that
+    exist, e.g. earlier stages' logs), written then renamed."""
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     model.eval().to(torch.float16).save_pretrained(staging)
@@ -102,6 +104,9 @@ def write_checkpoint(model, out: Path, card: dict, log: Path) -> None:
     (staging / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
     if log.is_file():
         shutil.copy(log, staging / "train_log.jsonl")
+    for extra in extra_files:
+        if extra.is_file():
+            shutil.copy(extra, staging / extra.name)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -136,11 +141,19 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
           weights=weights)
     card = json.loads((base / MODEL_CARD).read_text()) if (base / MODEL_CARD).is_file() else {}
     card["exemplar_boxes"] = True
-    card["exemplar_fine_tune"] = {
-        "command": f"python -m training exemplars --base {base} --out {out} --steps {steps} --seed {seed} "
-                   f"--aux-copies {aux_copies}",
+    # Every stage run on this model, in order (a model card written before stages were a list has one).
+    stages = card.pop("exemplar_fine_tunes", [])
+    if "exemplar_fine_tune" in card:
+        stages = [card.pop("exemplar_fine_tune")]
+    log_name = "train_log_exemplars.jsonl" if not stages else f"train_log_exemplars_{len(stages) + 1}.jsonl"
+    stages.append({
+        "command": f"python -m training exemplars --base {base} --out {out} --steps {steps} --lr {lr} "
+                   f"--exemplar-share {exemplar_share} --aux-copies {aux_copies} --seed {seed}",
         "train_config": asdict(config), "data": asdict(data), "loss": asdict(weights), "frozen": list(frozen),
-    }
+        "log": log_name,
+    })
+    card["exemplar_fine_tunes"] = stages
     log = base / "train_log.jsonl"
-    write_checkpoint(model, out, card, log if log.is_file() else work / "train_log.jsonl")
-    shutil.copy(work / "train_log.jsonl", out / "train_log_exemplars.jsonl")
+    logs = [base / str(stage.get("log", "train_log_exemplars.jsonl")) for stage in stages[:-1]]
+    write_checkpoint(model, out, card, log if log.is_file() else work / "train_log.jsonl", extra_files=logs)
+    shutil.copy(work / "train_log.jsonl", out / log_name)

@@ -225,10 +225,17 @@ def test_exemplar_fine_tune_rewrites_the_model_in_place_and_says_so_in_its_card(
     after = load_file(model_dir / "model.safetensors")
     card = json.loads((model_dir / MODEL_CARD).read_text())
     assert card["name"] == "tiny" and card["exemplar_boxes"] is True
-    assert card["exemplar_fine_tune"]["data"]["exemplar_share"] == 1.0
-    assert card["exemplar_fine_tune"]["loss"]["aux_copies"] == 3
+    (stage,) = card["exemplar_fine_tunes"]
+    assert stage["data"]["exemplar_share"] == 1.0 and stage["loss"]["aux_copies"] == 3
     assert (model_dir / "train_log_exemplars.jsonl").is_file()
     geometry = [k for k in before if "geometry_encoder" in k and "layers" in k]
     assert any(not torch.equal(before[k].float(), after[k].float()) for k in geometry)  # boxes were learnt
     text = [k for k in before if k.startswith("text_encoder.")]
     assert all(torch.equal(before[k].half(), after[k]) for k in text)  # the text side stays frozen
+    # a second stage on the same model is added to the card; the first stage's log stays
+    assert main(["exemplars", "--base", str(model_dir), "--steps", "2", "--lr", "3e-4", "--aux-copies", "1"]) == 0
+    card = json.loads((model_dir / MODEL_CARD).read_text())
+    first, second = card["exemplar_fine_tunes"]
+    assert first == stage and second["train_config"]["lr"] == 3e-4 and second["loss"]["aux_copies"] == 1
+    assert "--lr 0.0003" in second["command"] and "--aux-copies 1" in second["command"]
+    assert (model_dir / "train_log_exemplars.jsonl").is_file() and (model_dir / "train_log_exemplars_2.jsonl").is_file()
