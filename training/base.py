@@ -124,10 +124,18 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     at a lower rate, on batches that still hold text-only and absent prompts.
 
     The intermediate decoder layers match each object to ``aux_copies`` queries (the last layer
-    one), for more positives per step in a short run.
+    one), for more positives per step in a short run. Stages stack: run on a model that already
+    had one, this is stage 2 (its own work directory, loss log and entry in the model card).
     """
     from export.checkpoints import load_checkpoint
 
+    card = json.loads((base / MODEL_CARD).read_text()) if (base / MODEL_CARD).is_file() else {}
+    # Every stage run on this model, in order (a model card written before stages were a list has one).
+    stages = card.pop("exemplar_fine_tunes", [])
+    if "exemplar_fine_tune" in card:
+        stages = [card.pop("exemplar_fine_tune")]
+    number = len(stages) + 1
+    suffix = "" if number == 1 else f"_{number}"
     model = load_checkpoint(base).model.float()
     image_size, mask_size = model_dims(model)
     data = DataOptions(image_size=image_size, mask_size=mask_size, seed=seed, exemplar_share=exemplar_share)
@@ -135,17 +143,12 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     frozen = ("text_encoder.", "text_projection.")
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(frozen))
-    work = out.with_name(out.name + ".exemplars.work")
+    work = out.with_name(out.name + f".exemplars{suffix}.work")
     weights = LossWeights(aux_copies=aux_copies)
     train(model, [p for p in model.parameters() if p.requires_grad], config, data, work, resume=resume,
           weights=weights)
-    card = json.loads((base / MODEL_CARD).read_text()) if (base / MODEL_CARD).is_file() else {}
     card["exemplar_boxes"] = True
-    # Every stage run on this model, in order (a model card written before stages were a list has one).
-    stages = card.pop("exemplar_fine_tunes", [])
-    if "exemplar_fine_tune" in card:
-        stages = [card.pop("exemplar_fine_tune")]
-    log_name = "train_log_exemplars.jsonl" if not stages else f"train_log_exemplars_{len(stages) + 1}.jsonl"
+    log_name = f"train_log_exemplars{suffix}.jsonl"
     stages.append({
         "command": f"python -m training exemplars --base {base} --out {out} --steps {steps} --lr {lr} "
                    f"--exemplar-share {exemplar_share} --aux-copies {aux_copies} --seed {seed}",
