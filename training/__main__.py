@@ -2,6 +2,8 @@
 
     python -m training base --out models/shapes             # ~65 min on one CPU core
     python -m training exemplars --base models/shapes                 # + box prompts, in place
+    python -m training exemplars --base models/shapes --steps 2000 --lr 4e-4 \
+        --exemplar-share 0.3 --aux-copies 1 --seed 4                  # stage 2: an hour more, mixed
     python -m training lora --base models/shapes --out models/shapes-star-lora
 
 Both are seeded and resumable (``--resume`` continues from ``<out>.work/state.pt``). Training

@@ -19,13 +19,13 @@ from scenes.coco import write_scene_dataset
 from scenes.generator import generate_scene
 
 # The goals (recall/precision >= 0.9, mean IoU >= 0.85, absent <= 3 %) are NOT met by the shipped
-# model (benchmarks/results/accuracy.md: mask AP 14.0, recall 0.05 on 200 scenes). These bounds
+# model (benchmarks/results/accuracy.md: mask AP 28.4, recall 0.17 on 200 scenes). These bounds
 # guard what it does reach, a little below the measured figures, so a regression (or a broken
 # export, threshold, presence gating, upsampling or RLE) fails them; raise them with the model.
-BOUNDS = {"ap": 16.0, "ap50": 26.0, "mean_iou": 0.62, "absent_with_detection": 0.05}  # measured: 19.95, 32.8, 0.687, 0.013
-# One box per kind, no text (measured on the same 20 scenes: AP 35.5, AP50 54.3; the base model
-# before its exemplar fine-tune: AP 0.4 on 50 scenes).
-EXEMPLAR_BOUNDS = {"ap": 28.0, "ap50": 45.0}
+BOUNDS = {"ap": 31.0, "ap50": 43.0, "mean_iou": 0.78, "absent_with_detection": 0.06}  # measured: 36.5, 49.7, 0.849, 0.039
+# One box per kind, no text (measured on the same 20 scenes: AP 63.0, AP50 83.2; the base model
+# before its exemplar fine-tunes: AP 0.4 on 50 scenes).
+EXEMPLAR_BOUNDS = {"ap": 55.0, "ap50": 75.0}
 
 
 def bound_failures(overall: dict) -> list[str]:
@@ -201,13 +201,14 @@ def test_served_model_answers_as_the_pipeline(shapes_bundle, heldout, tmp_path) 
 
 
 def test_star_adapter_finds_the_stars_the_base_misses(shapes_bundle, star_bundle, star_scenes) -> None:
-    """The LoRA merged at export teaches 'star' (measured on 200 scenes: star mask AP 0 -> 14.9;
-    the goal of recall >= 0.85 is missed with the rest of the model's goals)."""
+    """The LoRA merged at export teaches 'star' (measured on 200 scenes: star mask AP 0.1 -> 26.7,
+    recall 0 -> 0.39, and 0.0 -> 33.2 on these 20; the goal of recall >= 0.85 is missed with the
+    rest of the model's goals)."""
     dataset = load_dataset(star_scenes)
     base = evaluate(pipeline_segmenter(shapes_bundle, "onnxruntime")[0], dataset)["groups"]["star"]
     merged = evaluate(pipeline_segmenter(star_bundle, "onnxruntime")[0], dataset)["groups"]["star"]
     assert base["ap"] <= 2.0 and base["true_positives"] == 0, base
-    assert merged["ap"] >= base["ap"] + 5.0, (base, merged)
+    assert merged["ap"] >= base["ap"] + 20.0 and merged["recall"] >= 0.3, (base, merged)
     manifest = Bundle(star_bundle).manifest
     assert "star" in manifest.card["vocabulary"] and manifest.source.loras
     assert manifest.part("image_encoder").weights_sha256 == Bundle(shapes_bundle).part("image_encoder").weights_sha256
