@@ -133,11 +133,13 @@ def evaluate(segment: Segmenter, dataset: Dataset, config: AccuracyConfig = Accu
         names = [r["prompt"] for r in results]
         if len(results) != len(asked) or (not config.exemplars and names != asked):
             raise ValueError("the segmenter answered other prompts than it was asked")
+        rles = [coco.annToRLE(a) for a in anns]  # once per image: every prompt splits them into its own / others
         for prompt, result in zip(asked, results):
             prompt_id = prompt_ids[prompt]
             wanted = dataset.prompt_categories[prompt]
             gts = [a for a in anns if a["category_id"] in wanted]
-            gt_rles = [coco.annToRLE(a) for a in gts]
+            gt_rles = [r for a, r in zip(anns, rles) if a["category_id"] in wanted]
+            others = [r for a, r in zip(anns, rles) if a["category_id"] not in wanted]
             for a in gts:
                 gt_annotations.append({**a, "id": len(gt_annotations) + 1, "category_id": prompt_id})
             dets = [d for d in result["detections"] if d["score"] >= config.ap_score_floor]
@@ -145,7 +147,6 @@ def evaluate(segment: Segmenter, dataset: Dataset, config: AccuracyConfig = Accu
                 detections.append({"image_id": image_id, "category_id": prompt_id, "score": float(d["score"]),
                                    "segmentation": _rle(d["mask"])})
             kept = [d for d in dets if d["score"] >= config.score_threshold]
-            others = [coco.annToRLE(a) for a in anns if a["category_id"] not in wanted]
             per_prompt[prompt].add(kept, gt_rles, config.iou_threshold, others)
         if progress is not None:
             progress(done + 1, len(image_ids))
@@ -386,11 +387,10 @@ def markdown(doc: dict[str, Any]) -> str:
     for name, g in doc["groups"].items():
         lines.append(f"| {name} | {g['precision']:.3f} | {g['recall']:.3f} | {g['mean_iou']:.3f} | "
                      f"{g['absent_with_detection'] * 100:.1f} % | {g.get('ap', 0):.1f} | {g.get('ap50', 0):.1f} |")
-    kinds = doc["overall"].get("false_positive_kinds")
-    if kinds and doc["overall"]["false_positives"]:
-        lines += ["", f"False positives ({doc['overall']['false_positives']}): "
-                  + ", ".join(f"{k} {v}" for k, v in kinds.items())
-                  + f" (localisation: overlaps an object of the prompt by IoU >= {LOCALISATION_IOU} but under the "
+    kinds = _false_positive_kinds(doc["overall"])
+    if kinds:
+        lines += ["", f"False positives ({doc['overall']['false_positives']}): {kinds}"
+                  f" (localisation: overlaps an object of the prompt by IoU >= {LOCALISATION_IOU} but under the "
                   "match IoU; confusion: overlaps an object of another kind; background: neither)."]
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for goal in doc["goals"]:
@@ -443,10 +443,10 @@ def summary_markdown(directory: str | Path, same_weights: Sequence[tuple[str, st
         for goal in docs["accuracy-bundle.json"]["goals"]:
             lines.append(f"| {goal['name']} | {goal['target']} | {goal['measured']} | {'yes' if goal['met'] else 'NO'} |")
         overall = docs["accuracy-bundle.json"]["overall"]
-        kinds = overall.get("false_positive_kinds")
-        if kinds and overall["false_positives"]:
+        kinds = _false_positive_kinds(overall)
+        if kinds:
             lines += ["", f"Why the shipped bundle's {overall['false_positives']} false positives are false "
-                      f"(score >= 0.5): " + ", ".join(f"{k} {v}" for k, v in kinds.items()) + "."]
+                      f"(score >= 0.5): {kinds}."]
 
     def ap(name: str, group: str = "all") -> float | None:
         g = _group(docs[name], group) if name in docs else None
@@ -475,6 +475,14 @@ def summary_markdown(directory: str | Path, same_weights: Sequence[tuple[str, st
         lines.append(f"| weights hashes of {Path(a).name} vs {Path(b).name} | {'identical' if same else 'DIFFER'} | "
                      "identical |")
     return "\n".join(lines) + "\n"
+
+
+def _false_positive_kinds(summary: dict[str, Any]) -> str:
+    """"duplicate 0, localisation 56, ..." for a summary with false positives ("" otherwise)."""
+    kinds = summary.get("false_positive_kinds")
+    if not kinds or not summary["false_positives"]:
+        return ""
+    return ", ".join(f"{k} {v}" for k, v in kinds.items())
 
 
 def _fmt(value: float | None) -> str:
