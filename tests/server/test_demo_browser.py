@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,15 +76,11 @@ def _scene_with(category: str, absent: str) -> int:
     raise AssertionError("no such scene")
 
 
-def test_trained_demo_page_offers_its_vocabulary_and_sample_scenes(browser, shapes_bundle, tmp_path) -> None:
-    """What `make demo` serves: the model card's vocabulary as hints, generated sample scenes, no
-    random-weights warning, and nothing for a word the model does not know. (The shipped model
-    still misses most objects at score 0.5: benchmarks/results/accuracy.md.)"""
-    from scenes.generator import generate_scene
+@contextmanager
+def _trained_demo_page(browser, shapes_bundle, scene, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
+    """(page, the scene's JPEG file): the demo page served from ``shapes_bundle``, its vocabulary loaded."""
     from tests.server.conftest import ServerProcess
 
-    seed = _scene_with("red circle", "blue square")
-    scene = generate_scene(seed)
     photo = tmp_path / "scene.jpg"
     photo.write_bytes(scene.jpeg)
     server = ServerProcess(shapes_bundle, log_dir=tmp_path).wait_ready()
@@ -89,6 +88,19 @@ def test_trained_demo_page_offers_its_vocabulary_and_sample_scenes(browser, shap
         page = browser.new_page()
         page.goto(server.url + "/")
         page.wait_for_selector("#vocab button", timeout=10_000)  # the model card's vocabulary as hints
+        yield page, photo
+    finally:
+        server.stop()
+
+
+def test_trained_demo_page_offers_its_vocabulary_and_sample_scenes(browser, shapes_bundle, tmp_path) -> None:
+    """What `make demo` serves: the model card's vocabulary as hints, generated sample scenes, no
+    random-weights warning, and nothing for a word the model does not know. (The shipped model
+    still misses most objects at score 0.5: benchmarks/results/accuracy.md.)"""
+    from scenes.generator import generate_scene
+
+    scene = generate_scene(_scene_with("red circle", "blue square"))
+    with _trained_demo_page(browser, shapes_bundle, scene, tmp_path) as (page, photo):
         assert "red circle" in page.inner_text("#vocab") and page.is_hidden("#note")  # not random weights
         assert page.is_visible("#sample")
         page.set_input_files("#file", str(photo))
@@ -106,8 +118,6 @@ def test_trained_demo_page_offers_its_vocabulary_and_sample_scenes(browser, shap
         page.click("#submit")
         page.wait_for_function("document.getElementById('timings').textContent.includes('cache_hit: false')",
                                timeout=30_000)
-    finally:
-        server.stop()
 
 
 def test_boxes_dragged_on_the_demo_page_are_sent_in_image_pixels(browser, server, tmp_path) -> None:
@@ -186,16 +196,8 @@ def _scene_where_one_box_finds_the_twin(shapes_bundle):
 
 
 def test_trained_demo_page_box_on_a_red_circle_finds_the_other(browser, shapes_bundle, tmp_path) -> None:
-    from tests.server.conftest import ServerProcess
-
     scene, (boxed, twin) = _scene_where_one_box_finds_the_twin(shapes_bundle)
-    photo = tmp_path / "scene.jpg"
-    photo.write_bytes(scene.jpeg)
-    server = ServerProcess(shapes_bundle, log_dir=tmp_path).wait_ready()
-    try:
-        page = browser.new_page()
-        page.goto(server.url + "/")
-        page.wait_for_selector("#vocab button", timeout=10_000)
+    with _trained_demo_page(browser, shapes_bundle, scene, tmp_path) as (page, photo):
         page.set_input_files("#file", str(photo))
         page.wait_for_function("document.getElementById('status').textContent.includes('x')", timeout=10_000)
         frame = page.locator("#canvas").bounding_box()
@@ -215,5 +217,3 @@ def test_trained_demo_page_box_on_a_red_circle_finds_the_other(browser, shapes_b
         assert all(abs(a - b) <= 2 for a, b in zip(sent, boxed.box)), (sent, boxed.box)  # image pixels
         boxes = [d["box"] for d in answered.value.json()["results"][0]["detections"]]
         assert any(_box_iou(b, twin.box) >= 0.5 for b in boxes), (boxes, twin.box)
-    finally:
-        server.stop()
