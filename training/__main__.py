@@ -24,7 +24,7 @@ def cmd_base(args: argparse.Namespace) -> int:
 
     train_base(Path(args.out), steps=args.steps, seed=args.seed, resume=args.resume,
                images_per_step=args.images, prompts_per_image=args.prompts, lr=args.lr, threads=args.threads,
-               freeze_text=args.freeze_text_encoder)
+               freeze_text=args.freeze_text_encoder, device=device_from(args))
     return 0
 
 
@@ -33,7 +33,9 @@ def cmd_exemplars(args: argparse.Namespace) -> int:
 
     finetune_exemplars(Path(args.base), Path(args.out or args.base), steps=args.steps, seed=args.seed,
                        resume=args.resume, lr=args.lr, exemplar_share=args.exemplar_share,
-                       aux_copies=args.aux_copies, threads=args.threads)
+                       aux_copies=args.aux_copies, threads=args.threads, hard_negative_share=args.hard_negatives,
+                       prompts_per_image=args.prompts, images_per_step=args.images,
+                       train_text_projection=args.train_text_projection, device=device_from(args))
     return 0
 
 
@@ -41,8 +43,32 @@ def cmd_lora(args: argparse.Namespace) -> int:
     from training.lora import train_lora
 
     train_lora(Path(args.base), Path(args.out), steps=args.steps, seed=args.seed, resume=args.resume,
-               rank=args.rank, alpha=args.alpha, lr=args.lr)
+               rank=args.rank, alpha=args.alpha, lr=args.lr, device=device_from(args))
     return 0
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast of the forward (default: on for CUDA, off on the CPU)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="scene-generating DataLoader processes (default: 1 on the CPU, 6 on CUDA)")
+
+
+def device_from(args: argparse.Namespace):
+    from training.trainer import Device
+
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {args.device}: torch sees no CUDA device")
+    bf16 = cuda if args.bf16 is None else args.bf16
+    workers = (6 if cuda else 1) if args.workers is None else args.workers
+    if workers < 1:
+        raise SystemExit("error: --workers must be at least 1")
+    return Device(name=args.device, bf16=bf16, workers=workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--train-text-encoder", dest="freeze_text_encoder", action="store_false",
                       help="also train the text encoder and its projection (frozen at their seeded init by default)")
     base.add_argument("--threads", type=int, default=1, help="torch threads (1 trains fastest per core; 2 only on an idle machine)")
+    add_device_arguments(base)
     base.set_defaults(func=cmd_base)
 
     ex = sub.add_parser("exemplars", help="fine-tune the base model on exemplar (box) prompts too")
@@ -69,9 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--exemplar-share", type=float, default=0.5, help="share of present prompts given a box")
     ex.add_argument("--aux-copies", type=int, default=3,
                     help="queries matched per object in the intermediate decoder layers (1: one-to-one)")
+    ex.add_argument("--hard-negatives", type=float, default=0.0,
+                    help="share of absent prompts that name a near miss (an object's shape in another colour, ...)")
+    ex.add_argument("--images", type=int, default=8, help="images per step")
+    ex.add_argument("--prompts", type=int, default=4, help="prompts per image (present and absent)")
+    ex.add_argument("--train-text-projection", action="store_true",
+                    help="let the linear map after the frozen text encoder learn")
     ex.add_argument("--seed", type=int, default=2)
     ex.add_argument("--resume", action="store_true")
     ex.add_argument("--threads", type=int, default=1)
+    add_device_arguments(ex)
     ex.set_defaults(func=cmd_exemplars)
 
     lora = sub.add_parser("lora", help="train a LoRA adapter that teaches the held-out shape 'star'")
@@ -83,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lr", type=float, default=1e-3)
     lora.add_argument("--seed", type=int, default=1)
     lora.add_argument("--resume", action="store_true")
+    add_device_arguments(lora)
     lora.set_defaults(func=cmd_lora)
     return parser
 

@@ -19,7 +19,7 @@ import torch
 from scenes.generator import BASE_SHAPES, COLOURS, vocabulary
 from training.data import DISTRACTORS, DataOptions
 from training.losses import LossWeights
-from training.trainer import TrainConfig, train
+from training.trainer import Device, TrainConfig, train
 
 PRESET = "shapes"
 MODEL_CARD = "model_card.json"
@@ -65,7 +65,8 @@ def model_dims(model) -> tuple[int, int]:
 
 
 def train_base(out: Path, *, steps: int, seed: int, resume: bool, images_per_step: int,
-               prompts_per_image: int, lr: float, threads: int = 1, freeze_text: bool = True) -> None:
+               prompts_per_image: int, lr: float, threads: int = 1, freeze_text: bool = True,
+               device: Device = Device()) -> None:
     model = new_model(seed)
     image_size, mask_size = model_dims(model)
     data = DataOptions(image_size=image_size, mask_size=mask_size, images_per_step=images_per_step,
@@ -76,7 +77,7 @@ def train_base(out: Path, *, steps: int, seed: int, resume: bool, images_per_ste
     for name, param in model.named_parameters():
         param.requires_grad_(not (frozen and name.startswith(frozen)))
     params = [p for p in model.parameters() if p.requires_grad]
-    train(model, params, config, data, work, resume=resume)
+    train(model, params, config, data, work, resume=resume, device=device)
     card = {
         "name": "sam3-shapes",
         "description": "SAM3 architecture at small dims trained from scratch on generated scenes of coloured "
@@ -86,8 +87,10 @@ def train_base(out: Path, *, steps: int, seed: int, resume: bool, images_per_ste
         "colours": list(COLOURS),
         "shapes": list(BASE_SHAPES),
         "trained_with": {"command": f"python -m training base --out {out} --steps {steps} --seed {seed}"
-                                    + ("" if freeze_text else " --train-text-encoder"),
+                                    + ("" if freeze_text else " --train-text-encoder")
+                                    + ("" if device.name == "cpu" else f" --device {device.name}"),
                          "train_config": asdict(config), "data": asdict(data), "loss": asdict(LossWeights()),
+                         "device": asdict(device),
                          "distractor_prompts": len(DISTRACTORS), "frozen_at_init": list(frozen),
                          "token_embedding_std": TOKEN_EMBEDDING_STD, "text_projection_std": TEXT_PROJECTION_STD},
     }
@@ -99,7 +102,7 @@ def write_checkpoint(model, out: Path, card: dict, log: Path, extra_files: Seque
     exist, e.g. earlier stages' logs), written then renamed."""
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    model.eval().to(torch.float16).save_pretrained(staging)
+    model.cpu().eval().to(torch.float16).save_pretrained(staging)
     model.to(torch.float32)
     (staging / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
     if log.is_file():
@@ -114,7 +117,9 @@ def write_checkpoint(model, out: Path, card: dict, log: Path, extra_files: Seque
 
 
 def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: bool, lr: float,
-                       exemplar_share: float, aux_copies: int = 3, threads: int = 1) -> None:
+                       exemplar_share: float, aux_copies: int = 3, threads: int = 1,
+                       hard_negative_share: float = 0.0, prompts_per_image: int = 4, images_per_step: int = 8,
+                       train_text_projection: bool = False, device: Device = Device()) -> None:
     """Teach a trained base model exemplar (box) prompts, keeping its text prompts.
 
     The base run trains the geometry encoder only through its CLS token (text-only prompts);
@@ -126,6 +131,10 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     The intermediate decoder layers match each object to ``aux_copies`` queries (the last layer
     one), for more positives per step in a short run. Stages stack: run on a model that already
     had one, this is stage 2 (its own work directory, loss log and entry in the model card).
+
+    ``hard_negative_share`` of the absent prompts name a near miss of an object in the image;
+    ``train_text_projection`` lets the linear map after the frozen text encoder learn (it is part
+    of the exported text graph, so nothing changes for the runtime).
     """
     from export.checkpoints import load_checkpoint
 
@@ -138,21 +147,29 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     suffix = "" if number == 1 else f"_{number}"
     model = load_checkpoint(base).model.float()
     image_size, mask_size = model_dims(model)
-    data = DataOptions(image_size=image_size, mask_size=mask_size, seed=seed, exemplar_share=exemplar_share)
+    data = DataOptions(image_size=image_size, mask_size=mask_size, seed=seed, exemplar_share=exemplar_share,
+                       hard_negative_share=hard_negative_share, prompts_per_image=prompts_per_image,
+                       images_per_step=images_per_step)
     config = TrainConfig(steps=steps, lr=lr, warmup=min(50, max(steps // 10, 1)), threads=threads)
-    frozen = ("text_encoder.", "text_projection.")
+    frozen: tuple[str, ...] = ("text_encoder.",) if train_text_projection else ("text_encoder.", "text_projection.")
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(frozen))
     work = out.with_name(out.name + f".exemplars{suffix}.work")
     weights = LossWeights(aux_copies=aux_copies)
     train(model, [p for p in model.parameters() if p.requires_grad], config, data, work, resume=resume,
-          weights=weights)
+          weights=weights, device=device)
     card["exemplar_boxes"] = True
     log_name = f"train_log_exemplars{suffix}.jsonl"
     stages.append({
         "command": f"python -m training exemplars --base {base} --out {out} --steps {steps} --lr {lr} "
-                   f"--exemplar-share {exemplar_share} --aux-copies {aux_copies} --seed {seed}",
+                   f"--exemplar-share {exemplar_share} --aux-copies {aux_copies} --seed {seed}"
+                   + (f" --hard-negatives {hard_negative_share}" if hard_negative_share else "")
+                   + (f" --prompts {prompts_per_image}" if prompts_per_image != 4 else "")
+                   + (f" --images {images_per_step}" if images_per_step != 8 else "")
+                   + (" --train-text-projection" if train_text_projection else "")
+                   + ("" if device.name == "cpu" else f" --device {device.name}"),
         "train_config": asdict(config), "data": asdict(data), "loss": asdict(weights), "frozen": list(frozen),
+        "device": asdict(device),
         "log": log_name,
     })
     card["exemplar_fine_tunes"] = stages

@@ -24,7 +24,7 @@ from engines.preprocess import to_pixel_values
 from engines.tokenizer import PromptTokenizer
 from engines.types import BOX_ONLY_TEXT  # "visual": what Meta's model is told for boxes alone
 from scenes.generator import BASE_SHAPES, COLOURS, Scene, SceneOptions, generate_scene, vocabulary
-from training.losses import Targets
+from training.losses import PaddedTargets, Targets
 
 # Everyday words a user may type: never drawn, so the model must answer nothing for them.
 DISTRACTORS = (
@@ -52,6 +52,9 @@ class DataOptions:
     # Share of present prompts that also get one of their objects' boxes as a positive exemplar;
     # half of those drop the text ("visual": find everything of the boxed object's colour and shape).
     exemplar_share: float = 0.0
+    # Share of absent prompts drawn from the image's near misses (see ``hard_negatives``): the
+    # mistake the model makes is answering "blue circle" with a red circle, so show it that often.
+    hard_negative_share: float = 0.0
 
 
 @dataclass
@@ -66,6 +69,20 @@ class Batch:
     # None when no prompt of the batch has one (the text path: the cached CLS token).
     exemplar_boxes: torch.Tensor | None = None
     exemplar_labels: torch.Tensor | None = None
+    padded_targets: PaddedTargets | None = None  # ``targets`` padded (built in the worker)
+
+    def to(self, device: str) -> Batch:
+        """The tensors the step needs, on ``device`` (padded targets built here if missing)."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        padded = self.padded_targets if self.padded_targets is not None else self.targets.padded()
+        return Batch(pixel_values=self.pixel_values.to(device, non_blocking=True),
+                     image_index=self.image_index.to(device, non_blocking=True),
+                     input_ids=self.input_ids.to(device, non_blocking=True),
+                     attention_mask=self.attention_mask.to(device, non_blocking=True),
+                     targets=self.targets, prompts=self.prompts, exemplar_boxes=move(self.exemplar_boxes),
+                     exemplar_labels=move(self.exemplar_labels), padded_targets=padded.to(device))
 
 
 def training_tokenizer(directory: str | Path | None = None) -> PromptTokenizer:
@@ -82,21 +99,47 @@ def scene_seed(seed: int, step: int, index: int, images_per_step: int) -> int:
     return 1_000_000_000 + seed * 100_000_000 + step * images_per_step + index
 
 
+def hard_negatives(scene: Scene, shapes: Sequence[str]) -> list[str]:
+    """Absent prompts one word away from an object in the scene, in vocabulary order.
+
+    An object's shape in another colour ("blue circle" beside a red circle), its colour in
+    another shape ("red square"), and shape-only prompts for shapes the scene lacks when it
+    holds other shapes of the same colours: each shares a word or the colour with a real object.
+    """
+    present = {obj.category for obj in scene.objects} | {obj.shape for obj in scene.objects}
+    near: set[str] = set()
+    for obj in scene.objects:
+        near.update(f"{colour} {obj.shape}" for colour in COLOURS)
+        near.update(f"{obj.colour} {shape}" for shape in shapes)
+        near.update(shapes)
+    return [p for p in vocabulary(shapes) if p in near and p not in present]
+
+
 def sample_prompts(scene: Scene, rng: np.random.Generator, count: int, shapes: Sequence[str],
-                   present_share: float) -> list[str]:
+                   present_share: float, hard_negative_share: float = 0.0) -> list[str]:
     vocab = vocabulary(shapes)
     present = sorted({obj.category for obj in scene.objects} | {obj.shape for obj in scene.objects})
     absent = [p for p in vocab if p not in present]
+    hard = hard_negatives(scene, shapes) if hard_negative_share else []
     rng.shuffle(present)
     rng.shuffle(absent)
+    if hard:  # no draw otherwise: runs without hard negatives keep their batches
+        rng.shuffle(hard)
     chosen: list[str] = []
     for _ in range(count):
         if present and (rng.random() < present_share or not absent):
             chosen.append(present.pop())
+        elif hard and rng.random() < hard_negative_share:
+            prompt = hard.pop()
+            absent.remove(prompt)
+            chosen.append(prompt)
         elif rng.random() < DISTRACTOR_SHARE:
             chosen.append(str(rng.choice(DISTRACTORS)))
         elif absent:
-            chosen.append(absent.pop())
+            prompt = absent.pop()
+            if prompt in hard:
+                hard.remove(prompt)
+            chosen.append(prompt)
         else:
             chosen.append(str(rng.choice(DISTRACTORS)))
     return chosen
@@ -115,7 +158,8 @@ def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> B
         scale = np.asarray([width, height, width, height], dtype=np.float32)
         small = [cv2.resize(obj.mask.astype(np.float32), (options.mask_size, options.mask_size),
                             interpolation=cv2.INTER_AREA) for obj in scene.objects]
-        for prompt in sample_prompts(scene, rng, options.prompts_per_image, options.shapes, options.present_share):
+        for prompt in sample_prompts(scene, rng, options.prompts_per_image, options.shapes, options.present_share,
+                                     options.hard_negative_share):
             hits = scene.matching(prompt)
             exemplar = None
             if options.exemplar_share and hits and rng.random() < options.exemplar_share:
@@ -151,7 +195,11 @@ def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> B
 
 
 class BatchStream(torch.utils.data.IterableDataset):
-    """Batches for steps [start, stop), built in a DataLoader worker while the model trains."""
+    """Batches for steps [start, stop), built in DataLoader workers while the model trains.
+
+    With W workers, worker w builds steps start + w, start + w + W, ...; the DataLoader takes
+    one batch from each worker in turn, so the steps still arrive in order.
+    """
 
     def __init__(self, options: DataOptions, start: int, stop: int, tokenizer_dir: str) -> None:
         self.options, self.start, self.stop, self.tokenizer_dir = options, start, stop, tokenizer_dir
@@ -159,8 +207,12 @@ class BatchStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         tokenizer = PromptTokenizer(Path(self.tokenizer_dir) / "tokenizer.json",
                                     _tokenizer_info(Path(self.tokenizer_dir)))
-        for step in range(self.start, self.stop):
-            yield make_batch(self.options, step, tokenizer)
+        worker = torch.utils.data.get_worker_info()
+        first, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for step in range(self.start + first, self.stop, stride):
+            batch = make_batch(self.options, step, tokenizer)
+            batch.padded_targets = batch.targets.padded()
+            yield batch
 
 
 def _tokenizer_info(directory: Path) -> TokenizerInfo:

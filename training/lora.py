@@ -25,7 +25,7 @@ import torch
 from export.model_card import ADAPTER_CARD
 from scenes.generator import ALL_SHAPES, HELD_OUT_SHAPES, vocabulary
 from training.data import DataOptions
-from training.trainer import TrainConfig, train
+from training.trainer import Device, TrainConfig, train
 
 LORA_TARGET_PREFIXES = ("detr_encoder.layers.", "detr_decoder.layers.", "mask_decoder.prompt_cross_attn.")
 LORA_TARGET_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
@@ -43,7 +43,7 @@ def lora_targets(model) -> list[str]:
 
 
 def train_lora(base: Path, out: Path, *, steps: int, seed: int, resume: bool, rank: int, alpha: float,
-               lr: float) -> None:
+               lr: float, device: Device = Device()) -> None:
     from peft import LoraConfig, get_peft_model
 
     from export.checkpoints import load_checkpoint
@@ -58,7 +58,8 @@ def train_lora(base: Path, out: Path, *, steps: int, seed: int, resume: bool, ra
                        require_shape=HELD_OUT_SHAPES[0])
     config = TrainConfig(steps=steps, lr=lr, warmup=50, weight_decay=0.0)
     work = out.with_name(out.name + ".work")
-    train(peft_model, peft_model.parameters(), config, data, work, resume=resume, sam3=model)
+    train(peft_model, peft_model.parameters(), config, data, work, resume=resume, sam3=model, device=device)
+    peft_model.cpu()
 
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -73,7 +74,7 @@ def train_lora(base: Path, out: Path, *, steps: int, seed: int, resume: bool, ra
         "vocabulary": vocabulary(ALL_SHAPES),
         "trained_with": {"command": f"python -m training lora --base {base} --out {out} --steps {steps} "
                                     f"--rank {rank} --alpha {alpha:g} --seed {seed}",
-                         "train_config": asdict(config), "data": asdict(data),
+                         "train_config": asdict(config), "data": asdict(data), "device": asdict(device),
                          "targets": peft_config.target_modules and sorted(peft_config.target_modules)},
     }
     for where in (staging, staging / PEFT_DIR):  # beside the .pt, and inside the PEFT directory

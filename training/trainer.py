@@ -27,6 +27,20 @@ from training.losses import LossWeights, detection_loss
 
 
 @dataclass(frozen=True)
+class Device:
+    """Where a run computes; not part of the resume check (a run may move between machines,
+    bit-exact continuation only holds on the same kind)."""
+
+    name: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    bf16: bool = False  # autocast the forward to bfloat16 (CUDA); losses stay fp32
+    workers: int = 1  # DataLoader processes generating scenes
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.name.startswith("cuda")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int
     lr: float
@@ -48,9 +62,16 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 def train(model: nn.Module, params: Iterable[nn.Parameter], config: TrainConfig, data: DataOptions,
-          work_dir: Path, *, resume: bool, weights: LossWeights = LossWeights(), sam3: nn.Module | None = None) -> None:
-    """Train ``params`` of ``model`` (``sam3`` is the Sam3Model inside a PEFT wrapper, if any)."""
+          work_dir: Path, *, resume: bool, weights: LossWeights = LossWeights(), sam3: nn.Module | None = None,
+          device: Device = Device()) -> None:
+    """Train ``params`` of ``model`` (``sam3`` is the Sam3Model inside a PEFT wrapper, if any).
+
+    The model is moved to ``device.name`` (and left there; callers move it back to write it).
+    Per-step losses stay on the device and are read back once per log window, so a GPU step
+    costs one host sync (the matching's cost matrix).
+    """
     torch.set_num_threads(config.threads)
+    model.to(device.name)
     work_dir.mkdir(parents=True, exist_ok=True)
     sam3 = sam3 if sam3 is not None else model
     params = [p for p in params if p.requires_grad]
@@ -76,23 +97,29 @@ def train(model: nn.Module, params: Iterable[nn.Parameter], config: TrainConfig,
     tokenizer_dir = work_dir / "tokenizer"
     training_tokenizer(tokenizer_dir)
     loader = torch.utils.data.DataLoader(BatchStream(data, start, config.steps, str(tokenizer_dir)),
-                                         batch_size=None, num_workers=1, prefetch_factor=4)
+                                         batch_size=None, num_workers=device.workers, prefetch_factor=4,
+                                         pin_memory=device.is_cuda)
     batches = iter(loader)  # draws its worker seed from torch's generator: before we set it
     # Dropout draws from torch's generator: seeded at the start, and saved with the state.
     if start and "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
+        if device.is_cuda and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
     else:
         torch.manual_seed(data.seed)
     model.train()
-    sums: dict[str, float] = {}
+    autocast = torch.autocast("cuda" if device.is_cuda else "cpu", dtype=torch.bfloat16, enabled=device.bf16)
+    sums: dict[str, torch.Tensor] = {}
     window = 0
     started = time.time()
     bar = tqdm(total=config.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
     step = start
     for batch in batches:
-        out = forward_train(sam3, batch.pixel_values, batch.image_index, batch.input_ids, batch.attention_mask,
-                            batch.exemplar_boxes, batch.exemplar_labels)
-        losses = detection_loss(out, batch.targets, weights)
+        batch = batch.to(device.name)
+        with autocast:
+            out = forward_train(sam3, batch.pixel_values, batch.image_index, batch.input_ids, batch.attention_mask,
+                                batch.exemplar_boxes, batch.exemplar_labels)
+        losses = detection_loss(out, batch.padded_targets, weights)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -100,13 +127,13 @@ def train(model: nn.Module, params: Iterable[nn.Parameter], config: TrainConfig,
         scheduler.step()
         step += 1
         window += 1
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach())
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        for key, value in (*losses.items(), ("grad_norm", grad_norm)):
+            sums[key] = sums[key] + value.detach() if key in sums else value.detach().clone()
         bar.update(1)
         if step % config.log_every == 0 or step == config.steps:
+            means = torch.stack(list(sums.values())).cpu() / window
             record = {"step": step, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - started, 1),
-                      **{k: round(v / window, 5) for k, v in sums.items()}}
+                      **{k: round(float(v), 5) for k, v in zip(sums, means)}}
             with log_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['total']:.3f}", cls=f"{record['cls']:.3f}",
@@ -124,5 +151,6 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, s
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step,  # type: ignore[attr-defined]
                 "torch_rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
                 "train_config": asdict(config), "data": asdict(data)}, tmp)
     os.replace(tmp, path)

@@ -239,3 +239,100 @@ def test_exemplar_fine_tune_rewrites_the_model_in_place_and_says_so_in_its_card(
     assert first == stage and second["train_config"]["lr"] == 3e-4 and second["loss"]["aux_copies"] == 1
     assert "--lr 0.0003" in second["command"] and "--aux-copies 1" in second["command"]
     assert (model_dir / "train_log_exemplars.jsonl").is_file() and (model_dir / "train_log_exemplars_2.jsonl").is_file()
+
+
+def _per_prompt_reference_loss(out, targets: Targets, weights: LossWeights) -> dict[str, torch.Tensor]:
+    """The objective written the plain way, prompt by prompt and layer by layer (what the
+    batched ``detection_loss`` replaced): the two must agree term by term."""
+    import torch.nn.functional as F
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import generalized_box_iou
+
+    from training.losses import dice_loss
+
+    layers = out.logits.shape[0]
+    num_objects = max(sum(int(b.shape[0]) for b in targets.boxes), 1)
+    present = torch.tensor([float(b.shape[0] > 0) for b in targets.boxes])
+    terms = {k: torch.zeros(()) for k in ("cls", "l1", "giou", "presence", "mask_bce", "dice")}
+    for layer in range(layers):
+        logits, boxes = out.logits[layer], out.boxes[layer]
+        copies = 1 if layer == layers - 1 else weights.aux_copies
+        cls_target = torch.zeros_like(logits)
+        pairs = []
+        for n, gt in enumerate(targets.boxes):
+            if gt.shape[0] == 0:
+                continue
+            cost = (-weights.cls * logits[n].sigmoid()[:, None] + weights.l1 * torch.cdist(boxes[n], gt, p=1)
+                    - weights.giou * generalized_box_iou(boxes[n], gt))
+            repeat = max(1, min(copies, logits.shape[1] // gt.shape[0]))
+            rows, cols = linear_sum_assignment(cost.detach().repeat(1, repeat).numpy())
+            cls_target[n, rows] = 1.0
+            pairs += [(n, int(r), int(c) % gt.shape[0]) for r, c in zip(rows, cols)]
+        terms["cls"] += F.binary_cross_entropy_with_logits(logits, cls_target, reduction="sum") / num_objects
+        pred = torch.stack([boxes[n, r] for n, r, _ in pairs])
+        gt = torch.stack([targets.boxes[n][c] for n, _, c in pairs])
+        terms["l1"] += F.l1_loss(pred, gt, reduction="sum") / num_objects
+        terms["giou"] += (1 - torch.diag(generalized_box_iou(pred, gt))).sum() / num_objects
+        terms["presence"] += F.binary_cross_entropy_with_logits(out.presence[layer].reshape(-1), present)
+    pred = torch.stack([out.masks[n, r] for n, r, _ in pairs])
+    gt = torch.stack([targets.masks[n][c] for n, _, c in pairs])
+    terms["mask_bce"] = F.binary_cross_entropy_with_logits(pred, gt, reduction="none").flatten(1).mean(1).sum() / num_objects
+    terms["dice"] = dice_loss(pred, gt).sum() / num_objects
+    for key in ("cls", "l1", "giou", "presence"):
+        terms[key] = terms[key] / layers
+    return terms
+
+
+@pytest.mark.parametrize("aux_copies", [1, 3])
+def test_batched_objective_equals_the_per_prompt_reference(tokenizer, aux_copies) -> None:
+    model = _fresh(seed=6)
+    batch = make_batch(dataclasses.replace(TINY, images_per_step=3, prompts_per_image=4), 2, tokenizer)
+    assert any(len(b) > 1 for b in batch.targets.boxes) and any(len(b) == 0 for b in batch.targets.boxes)
+    with torch.no_grad():
+        out = forward_train(model, batch.pixel_values, batch.image_index, batch.input_ids, batch.attention_mask)
+    weights = LossWeights(aux_copies=aux_copies)
+    batched = detection_loss(out, batch.targets, weights)
+    for key, value in _per_prompt_reference_loss(out, batch.targets, weights).items():
+        torch.testing.assert_close(batched[key], value, atol=1e-5, rtol=1e-5, msg=key)
+    # padded targets (what the trainer moves to a device) give the same numbers
+    torch.testing.assert_close(detection_loss(out, batch.targets.padded(), weights)["total"], batched["total"])
+
+
+def test_hard_negatives_are_absent_prompts_one_word_from_an_object() -> None:
+    import numpy as np
+
+    from scenes.generator import BASE_SHAPES, generate_scene
+    from training.data import hard_negatives, sample_prompts, scene_seed
+
+    for index in range(20):
+        scene = generate_scene(scene_seed(0, 0, index, 20))
+        present = {o.category for o in scene.objects} | {o.shape for o in scene.objects}
+        hard = hard_negatives(scene, BASE_SHAPES)
+        assert hard and not set(hard) & present
+        for prompt in hard:
+            words = prompt.split()
+            assert len(words) == 1 or any(o.colour == words[0] or o.shape == words[1] for o in scene.objects)
+        # drawn as absent prompts, never twice, never a present one
+        chosen = sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.3, 1.0)
+        assert len(set(chosen)) == len(chosen)
+        assert set(chosen) - present <= set(hard)
+
+
+def test_several_workers_deliver_the_steps_in_order(tmp_path) -> None:
+    from training.data import BatchStream
+
+    tokenizer_dir = tmp_path / "tok"
+    training_tokenizer(tokenizer_dir)
+    loader = torch.utils.data.DataLoader(BatchStream(TINY, 3, 8, str(tokenizer_dir)), batch_size=None, num_workers=2)
+    got = [batch.prompts for batch in loader]
+    tokenizer = training_tokenizer(tmp_path / "tok2")
+    assert got == [make_batch(TINY, step, tokenizer).prompts for step in range(3, 8)]
+
+
+def test_cuda_device_without_cuda_is_a_one_line_error() -> None:
+    from training.__main__ import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        main(["base", "--out", "unused", "--steps", "1", "--device", "cuda"])
