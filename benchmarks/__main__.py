@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--shapes", default="base", choices=("base", "all"),
                      help="base: circle/square/triangle; all: with the held-out star")
     acc.add_argument("--require-shape", default=None, help="every generated scene holds this shape (e.g. star)")
+    acc.add_argument("--family", default="generator", choices=("generator", "shifted"),
+                     help="renderer of generated scenes: the training generator's, or scenes/shifted.py "
+                          "(other sizes, backgrounds, edges and JPEG encoder; never trained on)")
     acc.add_argument("--write-dataset", type=Path, default=None, help="keep the generated COCO dataset here")
     acc.add_argument("--score-threshold", type=float, default=0.5)
     acc.add_argument("--iou-threshold", type=float, default=0.5)
@@ -185,7 +188,7 @@ def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
         target = args.write_dataset or Path(tempfile.mkdtemp(prefix="sam3-scenes-")) / "heldout"
         write_scene_dataset(target, args.scenes, seed=args.scene_seed,
                             shapes=ALL_SHAPES if args.shapes == "all" else BASE_SHAPES,
-                            require_shape=args.require_shape)
+                            require_shape=args.require_shape, family=args.family)
         dataset_path = target
     else:
         if not args.dataset.exists():
@@ -221,7 +224,7 @@ def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     doc["model"] = model
     if args.scenes is not None:
         doc["dataset"]["generated"] = {"scenes": args.scenes, "seed": args.scene_seed, "shapes": args.shapes,
-                                       "require_shape": args.require_shape}
+                                       "require_shape": args.require_shape, "family": args.family}
     return doc
 
 

@@ -14,12 +14,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from scenes.generator import BASE_SHAPES, COLOURS, SceneOptions, generate_scene
+from scenes.generator import BASE_SHAPES, COLOURS, Scene, SceneOptions, generate_scene
+from scenes.shifted import render_shifted_scene
+
+# Renderers of held-out sets: the training generator's own, and a second family drawn by other
+# code under other conditions (scenes/shifted.py), so accuracy is not one renderer's quirks.
+FAMILIES: dict[str, Callable[[int, SceneOptions], Scene]] = {
+    "generator": generate_scene,
+    "shifted": render_shifted_scene,
+}
 
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
@@ -31,10 +39,13 @@ def categories(shapes: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def write_scene_dataset(out: str | Path, count: int, *, seed: int = 0, shapes: Sequence[str] = BASE_SHAPES,
-                        require_shape: str | None = None) -> Path:
-    """Write ``count`` scenes (seeds ``seed * 100_000 + i``) as a COCO dataset, atomically."""
+                        require_shape: str | None = None, family: str = "generator") -> Path:
+    """Write ``count`` scenes (seeds ``seed * 100_000 + i``) of ``family`` as a COCO dataset, atomically."""
     if count < 1:
         raise ValueError("count must be >= 1")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown scene family {family!r} (known: {', '.join(FAMILIES)})")
+    render = FAMILIES[family]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -46,7 +57,7 @@ def write_scene_dataset(out: str | Path, count: int, *, seed: int = 0, shapes: S
         options = SceneOptions(shapes=tuple(shapes), require_shape=require_shape)
         for i in range(count):
             scene_seed = seed * 100_000 + i
-            scene = generate_scene(scene_seed, options)
+            scene = render(scene_seed, options)
             name = f"scene_{scene_seed:08d}.jpg"
             (staging / IMAGES / name).write_bytes(scene.jpeg)
             height, width = scene.size
@@ -62,8 +73,8 @@ def write_scene_dataset(out: str | Path, count: int, *, seed: int = 0, shapes: S
                     "area": float(obj.area), "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0,
                 })
         doc = {
-            "info": {"description": "generated shape scenes (scenes/generator.py)", "seed": seed, "count": count,
-                     "shapes": list(shapes), "require_shape": require_shape},
+            "info": {"description": f"generated shape scenes ({family} family)", "seed": seed, "count": count,
+                     "shapes": list(shapes), "require_shape": require_shape, "family": family},
             "images": images, "annotations": annotations, "categories": cats,
         }
         (staging / ANNOTATIONS).write_text(json.dumps(doc))
