@@ -35,7 +35,8 @@ def cmd_exemplars(args: argparse.Namespace) -> int:
                        resume=args.resume, lr=args.lr, exemplar_share=args.exemplar_share,
                        aux_copies=args.aux_copies, threads=args.threads, hard_negative_share=args.hard_negatives,
                        prompts_per_image=args.prompts, images_per_step=args.images,
-                       train_text_projection=args.train_text_projection, device=device_from(args))
+                       train_text_projection=args.train_text_projection,
+                       presence_gated_cls=args.presence_gated_cls, device=device_from(args))
     return 0
 
 
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--prompts", type=int, default=4, help="prompts per image (present and absent)")
     ex.add_argument("--train-text-projection", action="store_true",
                     help="let the linear map after the frozen text encoder learn")
+    ex.add_argument("--presence-gated-cls", action="store_true",
+                    help="no query classification loss on absent prompts (Meta's SAM3 objective: presence decides)")
     ex.add_argument("--seed", type=int, default=2)
     ex.add_argument("--resume", action="store_true")
     ex.add_argument("--threads", type=int, default=1)

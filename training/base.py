@@ -119,7 +119,8 @@ def write_checkpoint(model, out: Path, card: dict, log: Path, extra_files: Seque
 def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: bool, lr: float,
                        exemplar_share: float, aux_copies: int = 3, threads: int = 1,
                        hard_negative_share: float = 0.0, prompts_per_image: int = 4, images_per_step: int = 8,
-                       train_text_projection: bool = False, device: Device = Device()) -> None:
+                       train_text_projection: bool = False, presence_gated_cls: bool = False,
+                       device: Device = Device()) -> None:
     """Teach a trained base model exemplar (box) prompts, keeping its text prompts.
 
     The base run trains the geometry encoder only through its CLS token (text-only prompts);
@@ -155,7 +156,7 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(frozen))
     work = out.with_name(out.name + f".exemplars{suffix}.work")
-    weights = LossWeights(aux_copies=aux_copies)
+    weights = LossWeights(aux_copies=aux_copies, presence_gated_cls=presence_gated_cls)
     train(model, [p for p in model.parameters() if p.requires_grad], config, data, work, resume=resume,
           weights=weights, device=device)
     card["exemplar_boxes"] = True
@@ -167,6 +168,7 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
                    + (f" --prompts {prompts_per_image}" if prompts_per_image != 4 else "")
                    + (f" --images {images_per_step}" if images_per_step != 8 else "")
                    + (" --train-text-projection" if train_text_projection else "")
+                   + (" --presence-gated-cls" if presence_gated_cls else "")
                    + ("" if device.name == "cpu" else f" --device {device.name}"),
         "train_config": asdict(config), "data": asdict(data), "loss": asdict(weights), "frozen": list(frozen),
         "device": asdict(device),

@@ -4,7 +4,10 @@ Per prompt, predictions (queries) are matched one-to-one to the prompt's ground-
 by the usual DETR cost (classification + L1 + GIoU on boxes). Matched queries learn their
 object's box (L1 + GIoU) and mask (BCE + dice); every query learns whether it is matched
 (sigmoid BCE); the presence token learns whether the prompt is in the image at all (BCE).
-Absent prompts have no matches, so they teach every query and the presence token "no".
+Absent prompts have no matches, so they teach every query and the presence token "no" (with
+``presence_gated_cls``, as Meta's SAM3 trains, only the presence token: queries then learn
+which object is the prompt's, given that it is present, and are not pushed down by every
+absent prompt; the served score is their product).
 Box and class losses apply to every decoder layer (deep supervision), masks to the last.
 The intermediate layers may match one-to-many (each object to ``aux_copies`` queries, H-DETR's
 hybrid-layer scheme; the last layer, which alone answers, stays one-to-one). Measured on the
@@ -44,6 +47,9 @@ class LossWeights:
     semantic_bce: float = 2.0
     semantic_dice: float = 2.0
     aux_copies: int = 1  # queries matched to each object in the intermediate decoder layers (1: one-to-one)
+    # Meta's SAM3 objective (use_presence): no query classification loss on prompts with no object;
+    # the presence token alone learns "absent", and a query's score means "this is it, if present".
+    presence_gated_cls: bool = False
 
 
 @dataclass
@@ -181,7 +187,10 @@ def detection_loss(out: TrainOutputs, targets: Targets | PaddedTargets,
     # Sum over queries, normalised by objects (DETR): absent prompts still teach "no".
     cls_target = torch.zeros_like(logits)
     cls_target[layer, prompt, query] = 1.0
-    cls = F.binary_cross_entropy_with_logits(logits, cls_target, reduction="sum") / num_objects
+    cls_terms = F.binary_cross_entropy_with_logits(logits, cls_target, reduction="none")
+    if weights.presence_gated_cls:
+        cls_terms = cls_terms * present[None, :, None]
+    cls = cls_terms.sum() / num_objects
     pred, gt = boxes[layer, prompt, query], padded.boxes[prompt, target]
     l1 = F.l1_loss(pred, gt, reduction="sum") / num_objects if pred.numel() else zero
     giou = (1 - generalized_iou(pred, gt)).sum() / num_objects if pred.numel() else zero

@@ -336,3 +336,23 @@ def test_cuda_device_without_cuda_is_a_one_line_error() -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit, match="no CUDA device"):
         main(["base", "--out", "unused", "--steps", "1", "--device", "cuda"])
+
+
+def test_presence_gated_classification_leaves_absent_prompts_to_the_presence_token(tokenizer) -> None:
+    model = _fresh(seed=6)
+    batch = make_batch(dataclasses.replace(TINY, images_per_step=3, prompts_per_image=4), 2, tokenizer)
+    with torch.no_grad():
+        out = forward_train(model, batch.pixel_values, batch.image_index, batch.input_ids, batch.attention_mask)
+    out.logits.requires_grad_(True)
+    out.presence.requires_grad_(True)
+    gated = detection_loss(out, batch.targets, LossWeights(presence_gated_cls=True))
+    plain = detection_loss(out, batch.targets, LossWeights())
+    assert float(gated["cls"]) < float(plain["cls"])
+    for key in ("l1", "giou", "presence", "mask_bce", "dice"):
+        torch.testing.assert_close(gated[key], plain[key], msg=key)
+    logits_grad, presence_grad = torch.autograd.grad(gated["total"], (out.logits, out.presence))
+    absent = torch.tensor([len(b) == 0 for b in batch.targets.boxes])
+    assert absent.any() and (~absent).any()
+    assert float(logits_grad[:, absent].abs().max()) == 0.0  # absent prompts: no query is told anything
+    assert float(logits_grad[:, ~absent].abs().max()) > 0.0
+    assert float(presence_grad[:, absent].abs().max()) > 0.0  # ... but the presence token is
