@@ -44,7 +44,8 @@ def cmd_lora(args: argparse.Namespace) -> int:
     from training.lora import train_lora
 
     train_lora(Path(args.base), Path(args.out), steps=args.steps, seed=args.seed, resume=args.resume,
-               rank=args.rank, alpha=args.alpha, lr=args.lr, device=device_from(args))
+               rank=args.rank, alpha=args.alpha, lr=args.lr, hard_negative_share=args.hard_negatives,
+               presence_gated_cls=args.presence_gated_cls, device=device_from(args))
     return 0
 
 
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--rank", type=int, default=8)
     lora.add_argument("--alpha", type=float, default=16.0)
     lora.add_argument("--lr", type=float, default=1e-3)
+    lora.add_argument("--hard-negatives", type=float, default=0.0, help="as for exemplars")
+    lora.add_argument("--presence-gated-cls", action="store_true", help="as for exemplars")
     lora.add_argument("--seed", type=int, default=1)
     lora.add_argument("--resume", action="store_true")
     add_device_arguments(lora)

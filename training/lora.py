@@ -25,6 +25,7 @@ import torch
 from export.model_card import ADAPTER_CARD
 from scenes.generator import ALL_SHAPES, HELD_OUT_SHAPES, vocabulary
 from training.data import DataOptions
+from training.losses import LossWeights
 from training.trainer import Device, TrainConfig, train
 
 LORA_TARGET_PREFIXES = ("detr_encoder.layers.", "detr_decoder.layers.", "mask_decoder.prompt_cross_attn.")
@@ -43,7 +44,8 @@ def lora_targets(model) -> list[str]:
 
 
 def train_lora(base: Path, out: Path, *, steps: int, seed: int, resume: bool, rank: int, alpha: float,
-               lr: float, device: Device = Device()) -> None:
+               lr: float, hard_negative_share: float = 0.0, presence_gated_cls: bool = False,
+               device: Device = Device()) -> None:
     from peft import LoraConfig, get_peft_model
 
     from export.checkpoints import load_checkpoint
@@ -55,10 +57,12 @@ def train_lora(base: Path, out: Path, *, steps: int, seed: int, resume: bool, ra
     peft_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(model))
     peft_model = get_peft_model(model, peft_config)
     data = DataOptions(image_size=image_size, mask_size=mask_size, seed=seed, shapes=ALL_SHAPES,
-                       require_shape=HELD_OUT_SHAPES[0])
+                       require_shape=HELD_OUT_SHAPES[0], hard_negative_share=hard_negative_share)
+    weights = LossWeights(presence_gated_cls=presence_gated_cls)
     config = TrainConfig(steps=steps, lr=lr, warmup=50, weight_decay=0.0)
     work = out.with_name(out.name + ".work")
-    train(peft_model, peft_model.parameters(), config, data, work, resume=resume, sam3=model, device=device)
+    train(peft_model, peft_model.parameters(), config, data, work, resume=resume, sam3=model, weights=weights,
+          device=device)
     peft_model.cpu()
 
     staging = out.with_name(out.name + ".staging")
@@ -73,8 +77,11 @@ def train_lora(base: Path, out: Path, *, steps: int, seed: int, resume: bool, ra
         "base": base_card.get("name", base.name),
         "vocabulary": vocabulary(ALL_SHAPES),
         "trained_with": {"command": f"python -m training lora --base {base} --out {out} --steps {steps} "
-                                    f"--rank {rank} --alpha {alpha:g} --seed {seed}",
-                         "train_config": asdict(config), "data": asdict(data), "device": asdict(device),
+                                    f"--rank {rank} --alpha {alpha:g} --seed {seed}"
+                                    + (f" --hard-negatives {hard_negative_share}" if hard_negative_share else "")
+                                    + (" --presence-gated-cls" if presence_gated_cls else ""),
+                         "train_config": asdict(config), "data": asdict(data), "loss": asdict(weights),
+                         "device": asdict(device),
                          "targets": peft_config.target_modules and sorted(peft_config.target_modules)},
     }
     for where in (staging, staging / PEFT_DIR):  # beside the .pt, and inside the PEFT directory
