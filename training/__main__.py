@@ -5,6 +5,7 @@
     python -m training exemplars --base models/shapes --steps 2000 --lr 4e-4 \
         --exemplar-share 0.3 --aux-copies 1 --seed 4                  # stage 2: an hour more, mixed
     python -m training lora --base models/shapes --out models/shapes-star-lora
+    python -m training speed [--device cuda]                          # optimizer steps per second
 
 Both are seeded and resumable (``--resume`` continues from ``<out>.work/state.pt``). Training
 state lives in ``<out>.work/`` (not committed); the output directory receives the shipped
@@ -73,6 +74,14 @@ def device_from(args: argparse.Namespace):
     return Device(name=args.device, bf16=bf16, workers=workers)
 
 
+def cmd_speed(args: argparse.Namespace) -> int:
+    from training.speed import run
+
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--resume", action="store_true")
     add_device_arguments(lora)
     lora.set_defaults(func=cmd_lora)
+
+    speed = sub.add_parser("speed", help="measure optimizer steps per second (no training state, nothing written)")
+    speed.add_argument("--steps", type=int, default=10)
+    speed.add_argument("--warmup", type=int, default=2)
+    speed.add_argument("--images", type=int, default=8)
+    speed.add_argument("--prompts", type=int, default=4)
+    speed.add_argument("--threads", type=int, default=1)
+    add_device_arguments(speed)
+    speed.set_defaults(func=cmd_speed)
     return parser
 
 

@@ -356,3 +356,12 @@ def test_presence_gated_classification_leaves_absent_prompts_to_the_presence_tok
     assert float(logits_grad[:, absent].abs().max()) == 0.0  # absent prompts: no query is told anything
     assert float(logits_grad[:, ~absent].abs().max()) > 0.0
     assert float(presence_grad[:, absent].abs().max()) > 0.0  # ... but the presence token is
+
+
+def test_speed_command_reports_steps_per_second(capsys) -> None:
+    from training.__main__ import main
+
+    assert main(["speed", "--steps", "1", "--warmup", "0", "--images", "1", "--prompts", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps_per_s"] > 0 and result["device"] == "cpu" and result["prompts_per_image"] == 2
+    assert result["forward_ms"] > 0 and result["backward_step_ms"] > 0
