@@ -307,7 +307,7 @@ def acquire_build_lock(
 
 def tensorrt_importable() -> bool:
     """An installed TensorRT package (a cheap check: no import, no CUDA context in this process)."""
-    from engines.tensorrt import tensorrt_installed
+    from engines.tensorrt_build import tensorrt_installed
 
     return tensorrt_installed()
 

@@ -123,7 +123,8 @@ def _engines_dir_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from engines.tensorrt import DEFAULT_WORKSPACE_MB, BuildSettings, DeviceThread, check_tensorrt, ensure_plan
+    from engines.tensorrt import DeviceThread
+    from engines.tensorrt_build import DEFAULT_WORKSPACE_MB, BuildSettings, check_tensorrt, ensure_plan
 
     bundle = Bundle(args.bundle)
     settings = BuildSettings(
@@ -159,7 +160,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from engines.pipeline import Sam3Pipeline
     from engines.preprocess import to_pixel_values
-    from engines.tensorrt import tolerance_report
+    from engines.tensorrt_build import tolerance_report
 
     bundle = Bundle(args.bundle)
     default_atol, default_rtol = DEFAULT_TOLERANCE[args.precision]

@@ -58,7 +58,7 @@ def provider_options(provider: str, engines_dir: Path, spec: PartSpec) -> dict[s
     """Per-provider options. The TRT EP gets a batch profile so it builds one engine, not one per shape."""
     if provider != TENSORRT_EP:
         return {}
-    from engines.tensorrt import profile_shapes  # pure function; tensorrt itself is not imported
+    from engines.tensorrt_build import profile_shapes  # pure function; tensorrt itself is not imported
 
     shapes = profile_shapes(spec, spec.max_batch)
 

@@ -10,7 +10,7 @@ What an FP16 engine does, and how each graph is rewritten to do the same under O
   ``Cast(float16) -> Cast(float32)``, so it carries exactly FP16's precision and range
   (overflow becomes inf, as on the GPU);
 - layers the builder pins to FP32 are left alone: the op types the TensorRT builder always
-  pins (normalisations, softmax, reductions: ``engines.tensorrt.FP32_LAYER_TYPES``) and the
+  pins (normalisations, softmax, reductions: ``engines.tensorrt_build.FP32_LAYER_TYPES``) and the
   manifest's ``fp32_layers`` (ONNX node names from the export's FP16 range check).
 
 Not emulated: accumulation inside a layer (TensorRT's FP16 GEMM tactics accumulate in FP32 on
@@ -30,7 +30,7 @@ import numpy as np
 from engines.bundle import Bundle, Manifest, commit_directory, sha256_file, staging_directory, write_manifest
 
 # ONNX op types that map to the TensorRT layer types an FP16 build keeps in FP32
-# (NORMALIZATION, SOFTMAX, REDUCE; see engines/tensorrt.py).
+# (NORMALIZATION, SOFTMAX, REDUCE; see engines/tensorrt_build.py).
 PINNED_OP_TYPES = frozenset({
     "LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
     "Softmax", "LogSoftmax",

@@ -237,7 +237,7 @@ class PlanChoice:
 
 def find_plan(bundle: Bundle, spec: PartSpec, precision: str, engines_dir: Path) -> PlanChoice:
     """The one current plan our builder made for this part's graph at ``precision``."""
-    from engines.tensorrt import LOG_SUFFIX, PLAN_SUFFIX, is_plan_current
+    from engines.tensorrt_build import LOG_SUFFIX, PLAN_SUFFIX, is_plan_current
 
     found: list[PlanChoice] = []
     for log in sorted(engines_dir.glob(f"{spec.name}.*{LOG_SUFFIX}")) if engines_dir.is_dir() else []:

@@ -1,6 +1,6 @@
 """Type-check the TensorRT code against TensorRT's real Python API (``tensorrt-stubs``).
 
-    .venv/bin/python scripts/typecheck_tensorrt.py            # engines/tensorrt.py, deploy/entrypoint.py
+    .venv/bin/python scripts/typecheck_tensorrt.py            # the TARGETS below
     .venv/bin/python scripts/typecheck_tensorrt.py FILE ...    # other files (the tests use this)
 
 No GPU is lent to this project, so nothing runs TensorRT in CI; mypy --strict with the stubs at
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ("engines/tensorrt.py", "deploy/entrypoint.py")
+TARGETS = ("engines/tensorrt_build.py", "engines/tensorrt.py", "deploy/entrypoint.py")
 STUB_DIR = REPO / ".mypy_cache" / "tensorrt-stubs"
 # A module-level name the stubs define as a DataType value (trt.bool), shadowing the builtin in
 # every annotation of that module.

@@ -27,7 +27,6 @@ from engines.bundle import (
 )
 from engines.errors import BackendUnavailable, EngineError
 from engines.factory import open_backend
-from engines.tensorrt import tensorrt_installed
 from engines.onnxruntime import (
     CPU_EP,
     CUDA_EP,
@@ -37,6 +36,7 @@ from engines.onnxruntime import (
     provider_options,
     session_options,
 )
+from engines.tensorrt_build import tensorrt_installed
 
 # Not find_spec: tensorrt-stubs (requirements/dev.txt) installs a stub-only `tensorrt` directory.
 HAS_TENSORRT = tensorrt_installed()

@@ -147,7 +147,7 @@ def test_tensorrt_plans_and_profiles_for_the_exemplar_graphs(tiny_bundle, tmp_pa
     """Pure build logic (no GPU): the exemplar graphs get plans and a batch profile; K is fixed
     in the graph (padded), so min = opt = max on the box axis."""
     from engines.bundle import Bundle
-    from engines.tensorrt import plan_path, profile_shapes
+    from engines.tensorrt_build import plan_path, profile_shapes
 
     manifest = Bundle(tiny_bundle).manifest
     spec = manifest.part("geometry_encoder")

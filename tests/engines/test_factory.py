@@ -30,9 +30,11 @@ REPO = Path(__file__).resolve().parents[2]
 TENSORRT_PRESENT = textwrap.dedent(
     """
     # This machine "has TensorRT and a GPU", as far as backend selection can tell.
+    # Each probe is patched in the module that owns it, where its callers look it up.
     import engines.tensorrt as _trt
+    import engines.tensorrt_build as _trt_build
     _trt.tensorrt_available = lambda: True
-    _trt.tensorrt_installed = lambda: True
+    _trt_build.tensorrt_installed = lambda: True
     """
 )
 

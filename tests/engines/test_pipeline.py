@@ -83,7 +83,7 @@ def test_runtime_never_imports_torch(tiny_bundle: Path) -> None:
     script = f"""
 import sys
 import numpy as np
-import engines.tensorrt, engines.onnxruntime, engines.__main__
+import engines.tensorrt, engines.tensorrt_build, engines.onnxruntime, engines.__main__
 from engines.pipeline import Sam3Pipeline
 pipe = Sam3Pipeline.from_bundle({str(tiny_bundle)!r}, "auto")
 result = pipe.segment(np.zeros((64, 80, 3), np.uint8) + 127, ["a cat", "a dog"], score_threshold=0.0)

@@ -14,7 +14,7 @@ import pytest
 
 from engines.bundle import BATCH, PartSpec, TensorSpec
 from engines.errors import EngineError
-from engines.tensorrt import (
+from engines.tensorrt_build import (
     DEFAULT_WORKSPACE_MB,
     BuildSettings,
     LayerInfo,

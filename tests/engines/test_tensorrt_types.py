@@ -26,15 +26,26 @@ if importlib.util.find_spec("mypy") is None:
 def test_tensorrt_code_type_checks_against_the_stubs() -> None:
     proc = run_mypy()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "no issues found in 2 source files" in proc.stdout
+    assert "no issues found in 3 source files" in proc.stdout
 
 
 @pytest.mark.parametrize(
-    "good, bad, reported",
+    "module, good, bad, reported",
     [
-        ("context.execute_async_v3(", "context.execute_async_v4(", '"IExecutionContext" has no attribute "execute_async_v4"'),
-        ("trt.BuilderFlag.__members__", "trt.BuilderFlags.__members__", 'Module has no attribute "BuilderFlags"'),
         (
+            "tensorrt.py",
+            "context.execute_async_v3(",
+            "context.execute_async_v4(",
+            '"IExecutionContext" has no attribute "execute_async_v4"',
+        ),
+        (
+            "tensorrt_build.py",
+            "trt.BuilderFlag.__members__",
+            "trt.BuilderFlags.__members__",
+            'Module has no attribute "BuilderFlags"',
+        ),
+        (
+            "tensorrt_build.py",
             "config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)",
             "config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, str(settings.workspace_bytes))",
             'Argument 2 to "set_memory_pool_limit" of "IBuilderConfig" has incompatible type "str"',
@@ -42,8 +53,10 @@ def test_tensorrt_code_type_checks_against_the_stubs() -> None:
     ],
     ids=["misspelt-method", "misspelt-enum", "wrong-argument-type"],
 )
-def test_a_wrong_tensorrt_call_is_reported(tmp_path: Path, good: str, bad: str, reported: str) -> None:
-    source = (REPO / "engines" / "tensorrt.py").read_text()
+def test_a_wrong_tensorrt_call_is_reported(
+    tmp_path: Path, module: str, good: str, bad: str, reported: str
+) -> None:
+    source = (REPO / "engines" / module).read_text()
     assert source.count(good) == 1, good
     mutant = tmp_path / "tensorrt_mutant.py"
     mutant.write_text(source.replace(good, bad))

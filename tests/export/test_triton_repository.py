@@ -38,7 +38,7 @@ def as_json(config) -> dict:
 def fake_plans(bundle: Path, engines_dir: Path, precision: str = "fp16", max_batch: int = 4) -> None:
     """Plans + build logs as `python -m engines build` writes them (the plan bytes are not a
     real engine: only the repository writer reads them here)."""
-    from engines.tensorrt import build_log_path, plan_path
+    from engines.tensorrt_build import build_log_path, plan_path
 
     engines_dir.mkdir(parents=True, exist_ok=True)
     manifest = Bundle(bundle).manifest
