@@ -410,6 +410,7 @@ SUMMARY_ROWS = (
     ("accuracy-pytorch.json", "PyTorch (transformers Sam3Model, fp32)", "all"),
     ("accuracy-bundle-paired.json", "bundle, ONNX Runtime fp32, the PyTorch run's images", "all"),
     ("accuracy-bundle.json", "bundle, ONNX Runtime fp32", "all"),
+    ("accuracy-shifted.json", "bundle, ONNX Runtime fp32, second scene family (scenes/shifted.py)", "all"),
     ("accuracy-fp16emu.json", "bundle, TensorRT FP16 emulated on CPU", "all"),
     ("accuracy-int8.json", "bundle, int8 CPU mode (image encoder)", "all"),
     ("accuracy-exemplars.json", "bundle, one exemplar box per kind (no text)", "all"),
@@ -458,6 +459,7 @@ def summary_markdown(directory: str | Path, same_weights: Sequence[tuple[str, st
         ("bundle AP - PyTorch AP (same images)", ap(paired), ap("accuracy-pytorch.json"), "within 0.5"),
         ("FP16 emulation AP - bundle AP", ap("accuracy-fp16emu.json"), ap("accuracy-bundle.json"), "within 1"),
         ("int8 AP - bundle AP", ap("accuracy-int8.json"), ap("accuracy-bundle.json"), "(measured)"),
+        ("second scene family AP - bundle AP", ap("accuracy-shifted.json"), ap("accuracy-bundle.json"), "within 5"),
         ("LoRA base-concept AP - base AP", ap("accuracy-lora-base-concepts.json"), ap("accuracy-bundle.json"),
          "drop <= 2"),
     ]

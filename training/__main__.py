@@ -37,7 +37,8 @@ def cmd_exemplars(args: argparse.Namespace) -> int:
                        aux_copies=args.aux_copies, threads=args.threads, hard_negative_share=args.hard_negatives,
                        prompts_per_image=args.prompts, images_per_step=args.images,
                        train_text_projection=args.train_text_projection,
-                       presence_gated_cls=args.presence_gated_cls, device=device_from(args))
+                       presence_gated_cls=args.presence_gated_cls, presence_weight=args.presence_weight,
+                       device=device_from(args))
     return 0
 
 
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="let the linear map after the frozen text encoder learn")
     ex.add_argument("--presence-gated-cls", action="store_true",
                     help="no query classification loss on absent prompts (Meta's SAM3 objective: presence decides)")
+    ex.add_argument("--presence-weight", type=float, default=2.0,
+                    help="weight of the presence token's loss (2: as the base run)")
     ex.add_argument("--seed", type=int, default=2)
     ex.add_argument("--resume", action="store_true")
     ex.add_argument("--threads", type=int, default=1)

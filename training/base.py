@@ -120,7 +120,7 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
                        exemplar_share: float, aux_copies: int = 3, threads: int = 1,
                        hard_negative_share: float = 0.0, prompts_per_image: int = 4, images_per_step: int = 8,
                        train_text_projection: bool = False, presence_gated_cls: bool = False,
-                       device: Device = Device()) -> None:
+                       presence_weight: float = LossWeights.presence, device: Device = Device()) -> None:
     """Teach a trained base model exemplar (box) prompts, keeping its text prompts.
 
     The base run trains the geometry encoder only through its CLS token (text-only prompts);
@@ -156,7 +156,7 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(frozen))
     work = out.with_name(out.name + f".exemplars{suffix}.work")
-    weights = LossWeights(aux_copies=aux_copies, presence_gated_cls=presence_gated_cls)
+    weights = LossWeights(aux_copies=aux_copies, presence_gated_cls=presence_gated_cls, presence=presence_weight)
     train(model, [p for p in model.parameters() if p.requires_grad], config, data, work, resume=resume,
           weights=weights, device=device)
     card["exemplar_boxes"] = True
@@ -169,6 +169,7 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
                    + (f" --images {images_per_step}" if images_per_step != 8 else "")
                    + (" --train-text-projection" if train_text_projection else "")
                    + (" --presence-gated-cls" if presence_gated_cls else "")
+                   + (f" --presence-weight {presence_weight:g}" if presence_weight != LossWeights.presence else "")
                    + ("" if device.name == "cpu" else f" --device {device.name}"),
         "train_config": asdict(config), "data": asdict(data), "loss": asdict(weights), "frozen": list(frozen),
         "device": asdict(device),
