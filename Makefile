@@ -48,8 +48,9 @@ test-slow: venv
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # Retrain the shipped models (not in CI), on one CPU core: base ~65 min, its exemplar (box)
-# fine-tune ~12 min, ~60 min more on mixed text/box batches, then ~55 min against the text
-# mistakes (hard-negative prompts, presence-gated classification); the star LoRA ~15 min.
+# fine-tune ~12 min, ~60 min more on mixed text/box batches, ~55 min against the text mistakes
+# (hard-negative prompts, presence-gated classification), ~10 min recalibrating the presence
+# token (two threads); the star LoRA ~12 min on two threads.
 # Each stage takes --resume. DEVICE=cuda runs them on a GPU (bf16 autocast, 6 scene workers).
 DEVICE ?= cpu
 TRAIN := $(PY) -m training
@@ -60,6 +61,8 @@ train: venv
 		--device $(DEVICE)
 	$(TRAIN) exemplars --base $(SHAPES_MODEL) --steps 1800 --lr 3e-4 --exemplar-share 0.3 --aux-copies 1 --seed 7 \
 		--hard-negatives 0.7 --presence-gated-cls --device $(DEVICE)
+	$(TRAIN) exemplars --base $(SHAPES_MODEL) --steps 450 --lr 1.5e-4 --exemplar-share 0.3 --aux-copies 1 --seed 8 \
+		--hard-negatives 0.7 --presence-gated-cls --presence-weight 8 --device $(DEVICE)
 
 train-lora: venv
 	$(TRAIN) lora --base $(SHAPES_MODEL) --out $(STAR_LORA) --hard-negatives 0.7 --presence-gated-cls --device $(DEVICE)

@@ -47,7 +47,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
 
     train_lora(Path(args.base), Path(args.out), steps=args.steps, seed=args.seed, resume=args.resume,
                rank=args.rank, alpha=args.alpha, lr=args.lr, hard_negative_share=args.hard_negatives,
-               presence_gated_cls=args.presence_gated_cls, device=device_from(args))
+               presence_gated_cls=args.presence_gated_cls, threads=args.threads, device=device_from(args))
     return 0
 
 
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lr", type=float, default=1e-3)
     lora.add_argument("--hard-negatives", type=float, default=0.0, help="as for exemplars")
     lora.add_argument("--presence-gated-cls", action="store_true", help="as for exemplars")
+    lora.add_argument("--threads", type=int, default=1)
     lora.add_argument("--seed", type=int, default=1)
     lora.add_argument("--resume", action="store_true")
     add_device_arguments(lora)

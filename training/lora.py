@@ -45,7 +45,7 @@ def lora_targets(model) -> list[str]:
 
 def train_lora(base: Path, out: Path, *, steps: int, seed: int, resume: bool, rank: int, alpha: float,
                lr: float, hard_negative_share: float = 0.0, presence_gated_cls: bool = False,
-               device: Device = Device()) -> None:
+               threads: int = 1, device: Device = Device()) -> None:
     from peft import LoraConfig, get_peft_model
 
     from export.checkpoints import load_checkpoint
@@ -59,7 +59,7 @@ def train_lora(base: Path, out: Path, *, steps: int, seed: int, resume: bool, ra
     data = DataOptions(image_size=image_size, mask_size=mask_size, seed=seed, shapes=ALL_SHAPES,
                        require_shape=HELD_OUT_SHAPES[0], hard_negative_share=hard_negative_share)
     weights = LossWeights(presence_gated_cls=presence_gated_cls)
-    config = TrainConfig(steps=steps, lr=lr, warmup=50, weight_decay=0.0)
+    config = TrainConfig(steps=steps, lr=lr, warmup=50, weight_decay=0.0, threads=threads)
     work = out.with_name(out.name + ".work")
     train(peft_model, peft_model.parameters(), config, data, work, resume=resume, sam3=model, weights=weights,
           device=device)

@@ -233,11 +233,15 @@ def test_exemplar_fine_tune_rewrites_the_model_in_place_and_says_so_in_its_card(
     text = [k for k in before if k.startswith("text_encoder.")]
     assert all(torch.equal(before[k].half(), after[k]) for k in text)  # the text side stays frozen
     # a second stage on the same model is added to the card; the first stage's log stays
-    assert main(["exemplars", "--base", str(model_dir), "--steps", "2", "--lr", "3e-4", "--aux-copies", "1"]) == 0
+    assert main(["exemplars", "--base", str(model_dir), "--steps", "2", "--lr", "3e-4", "--aux-copies", "1",
+                 "--hard-negatives", "0.7", "--presence-gated-cls", "--presence-weight", "8"]) == 0
     card = json.loads((model_dir / MODEL_CARD).read_text())
     first, second = card["exemplar_fine_tunes"]
     assert first == stage and second["train_config"]["lr"] == 3e-4 and second["loss"]["aux_copies"] == 1
-    assert "--lr 0.0003" in second["command"] and "--aux-copies 1" in second["command"]
+    assert second["loss"]["presence_gated_cls"] is True and second["loss"]["presence"] == 8.0
+    assert second["data"]["hard_negative_share"] == 0.7 and second["device"]["name"] == "cpu"
+    for flag in ("--lr 0.0003", "--aux-copies 1", "--hard-negatives 0.7", "--presence-gated-cls", "--presence-weight 8"):
+        assert flag in second["command"], (flag, second["command"])
     assert (model_dir / "train_log_exemplars.jsonl").is_file() and (model_dir / "train_log_exemplars_2.jsonl").is_file()
 
 
