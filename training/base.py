@@ -136,6 +136,8 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     ``hard_negative_share`` of the absent prompts name a near miss of an object in the image;
     ``train_text_projection`` lets the linear map after the frozen text encoder learn (it is part
     of the exported text graph, so nothing changes for the runtime).
+    ``presence_gated_cls`` is Meta's objective: no query classification loss on absent prompts;
+    ``presence_weight`` weighs the presence token's loss.
     """
     from export.checkpoints import load_checkpoint
 

@@ -103,8 +103,8 @@ def hard_negatives(scene: Scene, shapes: Sequence[str]) -> list[str]:
     """Absent prompts one word away from an object in the scene, in vocabulary order.
 
     An object's shape in another colour ("blue circle" beside a red circle), its colour in
-    another shape ("red square"), and shape-only prompts for shapes the scene lacks when it
-    holds other shapes of the same colours: each shares a word or the colour with a real object.
+    another shape ("red square"), and the shapes the scene lacks ("circle" beside squares: the
+    model read shape-only prompts as "any shape"). Each names something close to a real object.
     """
     present = {obj.category for obj in scene.objects} | {obj.shape for obj in scene.objects}
     near: set[str] = set()
