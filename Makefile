@@ -62,10 +62,11 @@ train: venv
 	$(TRAIN) exemplars --base $(SHAPES_MODEL) --steps 1800 --lr 3e-4 --exemplar-share 0.3 --aux-copies 1 --seed 7 \
 		--hard-negatives 0.7 --presence-gated-cls --device $(DEVICE)
 	$(TRAIN) exemplars --base $(SHAPES_MODEL) --steps 450 --lr 1.5e-4 --exemplar-share 0.3 --aux-copies 1 --seed 8 \
-		--hard-negatives 0.7 --presence-gated-cls --presence-weight 8 --device $(DEVICE)
+		--hard-negatives 0.7 --presence-gated-cls --presence-weight 8 --threads 2 --device $(DEVICE)
 
 train-lora: venv
-	$(TRAIN) lora --base $(SHAPES_MODEL) --out $(STAR_LORA) --hard-negatives 0.7 --presence-gated-cls --device $(DEVICE)
+	$(TRAIN) lora --base $(SHAPES_MODEL) --out $(STAR_LORA) --hard-negatives 0.7 --presence-gated-cls --threads 2 \
+		--device $(DEVICE)
 
 # The accuracy reports in $(RESULTS)/accuracy-*.json|md (not in CI): PyTorch, bundle, FP16
 # emulation, int8, and the star LoRA before/after, each on the same seeded held-out scenes, and
