@@ -130,13 +130,20 @@ def generate_scene(seed: int, options: SceneOptions = SceneOptions()) -> Scene:
     jpeg = buf.tobytes()
     image = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
-    objects = []
-    for i, (colour, shape) in enumerate(kinds):
-        visible = full_masks[i].copy()
-        for later in full_masks[i + 1:]:
+    objects = tuple(SceneObject(colour=colour, shape=shape, mask=visible, box=mask_box(visible))
+                    for (colour, shape), visible in zip(kinds, visible_parts(full_masks)))
+    return Scene(seed=seed, jpeg=jpeg, image=image, objects=objects)
+
+
+def visible_parts(masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each mask less what the masks drawn after it cover (the list is in drawing order)."""
+    parts = []
+    for i, mask in enumerate(masks):
+        visible = mask.copy()
+        for later in masks[i + 1:]:
             visible &= ~later
-        objects.append(SceneObject(colour=colour, shape=shape, mask=visible, box=mask_box(visible)))
-    return Scene(seed=seed, jpeg=jpeg, image=image, objects=tuple(objects))
+        parts.append(visible)
+    return parts
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from scenes.generator import (BASE_SHAPES, COLOURS, MAX_PLACEMENT_TRIES, Scene, SceneObject, SceneOptions,
-                              all_visible_enough, mask_box)
+                              all_visible_enough, mask_box, visible_parts)
 
 SIDE_RANGE = (200, 640)
 SIZE_RANGE = (0.10, 0.38)
@@ -60,13 +60,10 @@ def render_shifted_scene(seed: int, options: SceneOptions = SceneOptions(shapes=
     jpeg = buffer.getvalue()
     image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
 
-    objects = []
-    for i, (colour, shape, _, mask) in enumerate(placed):
-        visible = mask.copy()
-        for later in placed[i + 1:]:
-            visible &= ~later[3]
-        objects.append(SceneObject(colour=colour, shape=shape, mask=visible, box=mask_box(visible)))
-    return Scene(seed=seed, jpeg=jpeg, image=image, objects=tuple(objects))
+    visible = visible_parts([mask for _, _, _, mask in placed])
+    objects = tuple(SceneObject(colour=colour, shape=shape, mask=part, box=mask_box(part))
+                    for (colour, shape, _, _), part in zip(placed, visible))
+    return Scene(seed=seed, jpeg=jpeg, image=image, objects=objects)
 
 
 def _coverage(rng: np.random.Generator, shape: str, height: int, width: int) -> np.ndarray:

@@ -26,6 +26,8 @@ MODEL_CARD = "model_card.json"
 
 
 TOKEN_EMBEDDING_STD = 0.3
+# The text side every stage keeps at its seeded init (see new_model); a fine-tune may free the projection.
+FROZEN_TEXT = ("text_encoder.", "text_projection.")
 # ~ an orthogonal map (1/sqrt(width)): projected words come out as large as the geometry CLS token
 # they sit beside in the prompt (norm ~8); at transformers' init (0.02) they were 1.2 vs 8.
 TEXT_PROJECTION_STD = 0.125
@@ -73,7 +75,7 @@ def train_base(out: Path, *, steps: int, seed: int, resume: bool, images_per_ste
                        prompts_per_image=prompts_per_image, seed=seed)
     config = TrainConfig(steps=steps, lr=lr, threads=threads)
     work = out.with_name(out.name + ".work")
-    frozen = ("text_encoder.", "text_projection.") if freeze_text else ()
+    frozen = FROZEN_TEXT if freeze_text else ()
     for name, param in model.named_parameters():
         param.requires_grad_(not (frozen and name.startswith(frozen)))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,7 +156,7 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
                        hard_negative_share=hard_negative_share, prompts_per_image=prompts_per_image,
                        images_per_step=images_per_step)
     config = TrainConfig(steps=steps, lr=lr, warmup=min(50, max(steps // 10, 1)), threads=threads)
-    frozen: tuple[str, ...] = ("text_encoder.",) if train_text_projection else ("text_encoder.", "text_projection.")
+    frozen: tuple[str, ...] = ("text_encoder.",) if train_text_projection else FROZEN_TEXT
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(frozen))
     work = out.with_name(out.name + f".exemplars{suffix}.work")

@@ -22,12 +22,11 @@ from training.trainer import Device
 
 
 def measure(*, steps: int, warmup: int, images: int, prompts: int, device: Device, threads: int) -> dict[str, float]:
-    from training.base import model_dims, new_model
+    from training.base import FROZEN_TEXT, model_dims, new_model
 
     torch.set_num_threads(threads)
     model = new_model(0).to(device.name).train()
-    frozen = ("text_encoder.", "text_projection.")
-    params = [p for n, p in model.named_parameters() if not n.startswith(frozen)]
+    params = [p for n, p in model.named_parameters() if not n.startswith(FROZEN_TEXT)]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     image_size, mask_size = model_dims(model)
     data = DataOptions(image_size=image_size, mask_size=mask_size, images_per_step=images,
