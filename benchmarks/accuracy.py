@@ -315,17 +315,16 @@ def _goal(name: str, target: float, measured: float) -> dict[str, Any]:
 def pipeline_segmenter(bundle: str | Path, backend: str = "auto", config: AccuracyConfig = AccuracyConfig(),
                        max_prompts: int = 64) -> tuple[Segmenter, dict[str, Any]]:
     """Our runtime: bytes -> Sam3Pipeline.segment -> result document (what the server returns)."""
+    from engines.options import SegmentOptions
     from engines.pipeline import Sam3Pipeline
     from engines.postprocess import result_document
 
     pipe = Sam3Pipeline.from_bundle(bundle, backend, max_prompts=max_prompts)
 
+    options = SegmentOptions(score_threshold=config.ap_score_floor, max_detections=config.max_detections)
+
     def segment(image: bytes, prompts: list[Any]) -> dict[str, Any]:
-        options = {"score_threshold": config.ap_score_floor, "max_detections": config.max_detections}
-        if any(isinstance(p, dict) for p in prompts):
-            result = pipe.segment_exemplars(image, [_exemplar(p) for p in prompts], **options)
-        else:
-            result = pipe.segment(image, prompts, **options)
+        result = pipe.segment(image, [_exemplar(p) if isinstance(p, dict) else p for p in prompts], options)
         return result_document(result.image_size, result.results, "rle")
 
     manifest = pipe.manifest
@@ -337,11 +336,11 @@ def pipeline_segmenter(bundle: str | Path, backend: str = "auto", config: Accura
 
 def _exemplar(entry: Any) -> Any:
     """A text or an exemplar entry (the API's JSON form) as the pipeline takes it."""
-    from engines.types import ExemplarPrompt
+    from engines.types import Prompt
 
     if isinstance(entry, str):
-        return ExemplarPrompt(text=entry)
-    return ExemplarPrompt.from_wire(entry["boxes"], entry.get("labels"), entry.get("text"))
+        return Prompt(text=entry)
+    return Prompt.from_wire(entry["boxes"], entry.get("labels"), entry.get("text"))
 
 
 def http_segmenter(url: str, config: AccuracyConfig = AccuracyConfig(),

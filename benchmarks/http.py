@@ -30,8 +30,9 @@ import numpy as np
 from benchmarks.stats import summarize
 from benchmarks.system import system_info
 from clients.wire import form_fields, image_payload
+from engines.types import STAGES
 
-SERVER_STAGES = ("queue", "image_encoder", "text_encoder", "decoder", "postprocess", "total")
+SERVER_STAGES = ("queue", *STAGES, "total")  # the response's timings_ms keys
 
 
 @dataclass
@@ -244,7 +245,7 @@ def _paired(config: HttpBenchConfig, image: bytes, name: str, media: str) -> dic
         text = pipe.encode_text(config.prompts)
 
         def direct(data: bytes | None) -> None:
-            result = pipe.segment(embedding if data is None else data, text)
+            result = pipe.segment(embedding if data is None else data, config.prompts, text=text)
             result_document(result.image_size, result.results, config.mask_format)
 
         def http(data: bytes) -> None:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-STAGE_NAMES = ("preprocess", "image_encoder", "text_encoder", "decoder", "postprocess")
+from engines.types import STAGES
+
+STAGE_NAMES = STAGES
+# Every pipeline report has these; the geometry encoder only where a path ran boxes.
+REQUIRED_STAGES = tuple(stage for stage in STAGES if stage != "geometry_encoder")
 POSITIVE = {"type": "number", "exclusiveMinimum": 0}
 COUNT = {"type": "integer", "minimum": 0}
 
@@ -37,7 +41,7 @@ _PATH = {
     },
 }
 _COLD_PATH = {**_PATH, "properties": {**_PATH["properties"], "stages": {
-    **_PATH["properties"]["stages"], "required": list(STAGE_NAMES)}}}
+    **_PATH["properties"]["stages"], "required": list(REQUIRED_STAGES)}}}
 _REF_PATH = {"type": "object", "required": ["end_to_end"], "properties": {"end_to_end": SUMMARY_SCHEMA}}
 _SYSTEM = {
     "type": "object",
@@ -292,7 +296,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
         groups = {n: doc["paths"][n]["end_to_end"] for n in names}
     else:
         kinds = list(doc["latency"])
-        stages = ("queue", "image_encoder", "text_encoder", "decoder", "postprocess")
+        stages = ("queue", *STAGES)
         bottoms = [0.0] * len(kinds)
         for stage in stages:
             values = [doc["server_timings_p50_ms"].get(k, {}).get(stage, 0.0) for k in kinds]

@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.accuracy import AccuracyConfig, Segmenter
 from engines.bundle import Preprocessing, TokenizerInfo
+from engines.options import SegmentOptions
 from engines.postprocess import postprocess, result_document
 from engines.preprocess import load_image, to_pixel_values
 from engines.tokenizer import PromptTokenizer
@@ -42,6 +43,8 @@ def torch_segmenter(checkpoint: str | Path, loras: Sequence[str | Path] = (), *,
     info = TokenizerInfo(**write_tokenizer_json(tok_dir / "tokenizer.json"))
     tokenizer = PromptTokenizer(tok_dir / "tokenizer.json", info, max_prompts=None)
 
+    options = SegmentOptions(score_threshold=config.ap_score_floor, max_detections=config.max_detections)
+
     @torch.inference_mode()
     def segment(image: bytes, prompts: list[str]) -> dict[str, Any]:
         loaded_image = load_image(image)
@@ -54,7 +57,7 @@ def torch_segmenter(checkpoint: str | Path, loras: Sequence[str | Path] = (), *,
                 out["pred_masks"][i].numpy(), out["pred_boxes"][i].numpy(), out["pred_logits"][i].numpy(),
                 float(np.asarray(out["presence_logits"][i]).reshape(-1)[0]),
                 original_size=(loaded_image.height, loaded_image.width),
-                score_threshold=config.ap_score_floor, max_detections=config.max_detections)
+                options=options)
             results.append(PromptResult(prompt=prompt, detections=tuple(detections)))
         return result_document((loaded_image.width, loaded_image.height), results, "rle")
 

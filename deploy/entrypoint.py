@@ -58,6 +58,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from engines.factory import BACKEND_KINDS, PLAN_PRECISIONS
+
 log = logging.getLogger("sam3.entrypoint")
 
 # Exit codes: distinct so an operator (or a test) can tell the failures apart from the status.
@@ -72,8 +74,8 @@ EXIT_SIGNAL = 143  # stopped by SIGTERM/SIGINT before serving (128 + 15, like a 
 STARTING, BUILDING, LOADING, READY, FAILED = "starting", "building_engines", "loading", "ready", "failed"
 
 LOCK_FILE = ".build.lock"
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "triton")  # triton: no engines here (docs/triton.md)
-PRECISIONS = ("fp16", "fp32")
+# The runtime's own names (triton: no engines here, docs/triton.md).
+BACKENDS, PRECISIONS = BACKEND_KINDS, PLAN_PRECISIONS
 
 # Environment variables. The first group is the server's (server/settings.py, prefix SAM3_):
 # the entrypoint reads them with the same names and defaults so both agree on the bundle, port

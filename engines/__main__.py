@@ -28,7 +28,7 @@ from engines.errors import BackendUnavailable, InvalidOption, InvalidPrompt, Sam
 from engines.factory import BACKEND_KINDS, open_backend
 from engines.options import SegmentOptions
 from engines.postprocess import MASK_FORMATS, result_document
-from engines.types import STAGES, ExemplarBox, ExemplarPrompt, PromptResult
+from engines.types import STAGES, ExemplarBox, Prompt, PromptResult
 
 EXIT_OK, EXIT_ERROR, EXIT_UNAVAILABLE = 0, 1, 2
 ENGINES_DIR_ENV = "SAM3_ENGINES_DIR"  # shared with the server and the container entrypoint
@@ -185,7 +185,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         }
         if reference.max_boxes:  # the exemplar graphs, each fed the reference's upstream outputs
             width, height = image.size
-            prompt = ExemplarPrompt(boxes=(ExemplarBox((0.2 * width, 0.2 * height, 0.6 * width, 0.7 * height)),
+            prompt = Prompt(boxes=(ExemplarBox((0.2 * width, 0.2 * height, 0.6 * width, 0.7 * height)),
                                            ExemplarBox((0.6 * width, 0.5 * height, 0.9 * width, 0.9 * height),
                                                        positive=False)))
             count = len(text_emb.prompts)
@@ -262,11 +262,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         engines_dir=args.engines_dir,
     ) as pipe:
         image = pipe.load_image(args.image)
-        if boxes:
-            prompt = ExemplarPrompt(text=args.prompts[0] if args.prompts else None, boxes=boxes)
-            result = pipe.segment_exemplars(image, [prompt], options)
-        else:
-            result = pipe.segment(image, args.prompts, options)
+        prompts = [Prompt(text=args.prompts[0] if args.prompts else None, boxes=boxes)] if boxes else args.prompts
+        result = pipe.segment(image, prompts, options)
         device = pipe.backend.device
     width, height = result.image_size
     print(f"{Path(args.image).name}: {width}x{height}, backend {result.extra['backend']} on {device}")
@@ -378,7 +375,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cached = []
         for _ in range(args.iterations):
             started = time.perf_counter()
-            pipe.decode(embedding, text)
+            pipe.segment(embedding, args.prompts, text=text)  # decoder + postprocess only
             cached.append((time.perf_counter() - started) * 1000)
         print(
             f"bundle {pipe.manifest.name} ({pipe.manifest.model.image_size} px), backend "
@@ -394,12 +391,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if pipe.max_boxes:
             # A new box on a cached image: geometry encoder + exemplar decoder, nothing else.
             width, height = image.size
-            box = ExemplarPrompt(boxes=(ExemplarBox((width * 0.3, height * 0.3, width * 0.6, height * 0.7)),))
-            pipe.segment_exemplars(embedding, [box])  # encodes "visual" once
+            box = Prompt(boxes=(ExemplarBox((width * 0.3, height * 0.3, width * 0.6, height * 0.7)),))
+            pipe.segment(embedding, [box])  # encodes "visual" once
             boxed = []
             for _ in range(args.iterations):
                 started = time.perf_counter()
-                pipe.segment_exemplars(embedding, [box])
+                pipe.segment(embedding, [box])
                 boxed.append((time.perf_counter() - started) * 1000)
             print(f"{'1 box (cached)':16s} {statistics.median(boxed):10.2f}")
         memory = pipe.backend.memory()

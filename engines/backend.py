@@ -56,7 +56,7 @@ class PartRunner(Protocol):
 class Backend(Protocol):
     """A way to execute bundle parts."""
 
-    kind: str  # "onnxruntime" | "tensorrt"
+    kind: str  # a name in engines.factory.KINDS: "onnxruntime" | "tensorrt" | "triton"
     device: str  # human-readable: "cpu (8 threads)", "cuda:0 Orin (sm_87)"
     precision: str  # "fp32" | "fp16"
 

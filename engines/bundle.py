@@ -1,8 +1,9 @@
 """The bundle manifest: the one source of truth for the tensor contract.
 
-A bundle is a directory holding three ONNX graphs, a tokenizer and ``manifest.json``.
-Export writes it through :func:`write_bundle`; the runtime and server only ever read it
-through :class:`Bundle`. This module is torch-free on purpose: the Jetson runtime imports
+A bundle is a directory holding its ONNX graphs (image encoder, text encoder, decoder, and the
+geometry encoder + exemplar decoder for box prompts), a tokenizer and ``manifest.json``.
+Export writes it through :func:`write_manifest` into a staging directory renamed into place by
+:func:`commit_directory`; the runtime and server only ever read it through :class:`Bundle`. This module is torch-free on purpose: the Jetson runtime imports
 it, and nothing under ``engines/`` or ``server/`` may import ``export/``.
 
 Tensor names live here (``TensorNames``) and are recorded in the manifest; code elsewhere

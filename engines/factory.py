@@ -48,6 +48,7 @@ class BackendKind:
     present: Callable[[], bool]  # whether this machine can run it (what ``auto`` asks)
     precisions: tuple[str, ...]  # what ``precision`` may be; the first is the default
     runs_cpu_only: bool  # accepts bundles marked cpu_only (int8 for ONNX Runtime on a CPU)
+    builds_plans: bool = False  # a configured plan precision (SAM3_PRECISION) applies to it
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def _tensorrt_present() -> bool:
 KINDS: dict[str, BackendKind] = {
     kind.name: kind
     for kind in (
-        BackendKind("tensorrt", _open_tensorrt, _tensorrt_present, ("fp16", "fp32"), runs_cpu_only=False),
+        BackendKind("tensorrt", _open_tensorrt, _tensorrt_present, ("fp16", "fp32"), runs_cpu_only=False,
+                    builds_plans=True),
         BackendKind("onnxruntime", _open_onnxruntime, lambda: True, ("fp32",), runs_cpu_only=True),
         # Remote parts on a Triton server (python -m export triton): never chosen by ``auto``; the
         # precision is the repository's (its plans or graphs), reported by the backend.
@@ -106,7 +108,25 @@ KINDS: dict[str, BackendKind] = {
 }
 # ``auto`` tries these in order; the last must run anywhere (onnxruntime is a hard dependency).
 AUTO_ORDER: tuple[str, ...] = ("tensorrt", "onnxruntime")
+# What --backend / SAM3_BACKEND and --precision / SAM3_PRECISION may be, wherever they are read
+# (python -m engines, the server's settings and CLI, the container entrypoint).
 BACKEND_KINDS: tuple[str, ...] = ("auto", *KINDS)
+PLAN_PRECISIONS: tuple[str, ...] = tuple(dict.fromkeys(p for k in KINDS.values() if k.builds_plans for p in k.precisions))
+
+
+def plan_precision(kind: str, precision: str | None) -> str | None:
+    """A configured plan precision as a request for ``kind``: kept for kinds that build plans
+    (and ``auto``, which drops it by itself where it lands on ONNX Runtime), dropped for those
+    that run their graphs as they are (onnxruntime, triton)."""
+    if kind == "auto" or (kind in KINDS and KINDS[kind].builds_plans):
+        return precision
+    return None
+
+
+def embedding_dtype(precision: str) -> str:
+    """The dtype a server caches embeddings in for a backend running at ``precision``: fp16
+    halves the bytes where the engines compute in fp16 anyway (decoders cast them back)."""
+    return "float16" if precision == "fp16" else "float32"
 
 
 def is_cpu_only(manifest: Manifest) -> bool:

@@ -81,34 +81,6 @@ class SegmentOptions:
         if not isinstance(self.with_masks, bool):
             raise InvalidOption(f"with_masks must be true or false, got {self.with_masks!r}")
 
-    @classmethod
-    def of(
-        cls,
-        options: SegmentOptions | None = None,
-        *,
-        score_threshold: float | None = None,
-        mask_threshold: float | None = None,
-        max_detections: int | None = None,
-        with_masks: bool | None = None,
-    ) -> SegmentOptions:
-        """``options`` (default: the defaults) with each keyword given (not None) put in its place.
-
-        The keyword form is what ``segment``/``decode``/``postprocess`` accept for convenience;
-        either way the values go through this one constructor and its checks.
-        """
-        base = options if options is not None else cls()
-        given = {
-            name: value
-            for name, value in (
-                ("score_threshold", score_threshold),
-                ("mask_threshold", mask_threshold),
-                ("max_detections", max_detections),
-                ("with_masks", with_masks),
-            )
-            if value is not None
-        }
-        return replace(base, **given) if given else base
-
     def within(self, limits: Limits) -> SegmentOptions:
         """These options under ``limits``: the detection cap filled in, or InvalidOption above it."""
         cap = limits.max_detections

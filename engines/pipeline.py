@@ -30,7 +30,7 @@ import numpy as np
 
 from engines.backend import Backend, PartRunner
 from engines.bundle import EXEMPLAR_PART_NAMES, PART_NAMES, Bundle, TensorNames
-from engines.errors import BundleError, EngineError, ExemplarsUnsupported, InvalidBox, InvalidInput
+from engines.errors import BundleError, EngineError, ExemplarsUnsupported, InvalidBox, InvalidInput, InvalidPrompt
 from engines.factory import open_backend
 from engines.options import Limits, SegmentOptions
 from engines.postprocess import postprocess
@@ -39,14 +39,15 @@ from engines.tokenizer import PromptTokenizer
 from engines.types import (
     BOX_ONLY_TEXT,
     STAGES,
-    ExemplarPrompt,
+    CheckedPrompts,
     ImageEmbedding,
     ImageSize,
     LoadedImage,
+    Prompt,
     PromptResult,
-    Prompts,
     SegmentResult,
     TextEmbedding,
+    add_timings,
 )
 
 __all__ = ["STAGES", "Sam3Pipeline"]
@@ -184,7 +185,7 @@ class Sam3Pipeline:
         self.close()
 
     def describe(self) -> dict[str, Any]:
-        """What /info and the CLI show: model, backend, limits."""
+        """The model, backend, limits and cache keys of this pipeline, as /info reports them."""
         model = self.manifest.model
         return {
             "bundle": self.manifest.name,
@@ -207,39 +208,37 @@ class Sam3Pipeline:
 
     # ------------------------------------------------------------------ checks (any thread)
 
-    def segment_options(
-        self,
-        options: SegmentOptions | None = None,
-        *,
-        score_threshold: float | None = None,
-        mask_threshold: float | None = None,
-        max_detections: int | None = None,
-        with_masks: bool | None = None,
-    ) -> SegmentOptions:
-        """One call's options (``options`` and/or keywords) under this pipeline's limits."""
-        return SegmentOptions.of(
-            options, score_threshold=score_threshold, mask_threshold=mask_threshold,
-            max_detections=max_detections, with_masks=with_masks,
-        ).within(self.limits)  # fmt: skip
+    def check_options(self, options: SegmentOptions | None = None) -> SegmentOptions:
+        """One call's options (default: the defaults) under this pipeline's limits."""
+        return (options if options is not None else SegmentOptions()).within(self.limits)
 
-    def check_prompts(self, prompts: Sequence[str]) -> Prompts:
-        """Typed errors for prompts this pipeline would refuse; checked prompts are not re-checked."""
-        return self.tokenizer.validate(prompts)
+    def check_prompts(self, prompts: Sequence[str | Prompt] | CheckedPrompts,
+                      image_size: ImageSize | None = None) -> CheckedPrompts:
+        """Typed errors for prompts this pipeline would refuse; checked prompts are not re-checked.
 
-    def check_exemplars(self, prompts: Sequence[ExemplarPrompt],
-                        image_size: ImageSize | None) -> tuple[ExemplarPrompt, ...]:
-        """Typed errors for exemplar prompts this pipeline would refuse on an image of ``image_size``.
-
-        Boxes are pixel xyxy of the original image and must lie inside it, with positive width
-        and height. A prompt of negative boxes alone is refused: both references accept it, but
-        with no text and no positive box it names nothing to find. ``image_size`` None checks
-        everything but the bounds (a server before it has decoded the image).
+        A prompt is a string (text) or a :class:`Prompt` (text, exemplar boxes or both). Boxes
+        are pixel xyxy of the original image, with positive width and height, inside the image
+        when ``image_size`` is given (None: everything but the bounds, for a caller that has not
+        decoded the image yet; ``segment`` checks the bounds alone later). A prompt of negative
+        boxes alone is refused: both references accept it, but with no text and no positive box
+        it names nothing to find.
         """
-        prompts = tuple(prompts)
-        if any(p.boxes for p in prompts) and not self.max_boxes:
+        if isinstance(prompts, CheckedPrompts):
+            if image_size is None or prompts.image_size == image_size or not prompts.has_boxes:
+                return prompts
+            self._check_bounds(prompts.items, image_size)
+            return replace(prompts, image_size=image_size)
+        if isinstance(prompts, (str, bytes)):
+            raise InvalidPrompt("prompts must be a list of strings, not a single string")
+        try:
+            items = tuple(p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts)
+        except TypeError:
+            raise InvalidPrompt(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
+        # Texts first, with the tokenizer's own messages (count, length, characters).
+        texts = self.tokenizer.validate([BOX_ONLY_TEXT if p.text is None else p.text for p in items])
+        if any(p.boxes for p in items) and not self.max_boxes:
             raise ExemplarsUnsupported(f"exemplar boxes cannot be served: {self.exemplars_unavailable}")
-        self.check_prompts([p.model_text for p in prompts])
-        for index, prompt in enumerate(prompts):
+        for index, prompt in enumerate(items):
             where = f"prompt {index}"
             if len(prompt.boxes) > self.max_boxes:
                 raise InvalidBox(f"{where}: {len(prompt.boxes)} boxes, this model takes at most {self.max_boxes}")
@@ -251,9 +250,18 @@ class Sam3Pipeline:
                 x0, y0, x1, y1 = b.box
                 if not (x1 > x0 and y1 > y0):
                     raise InvalidBox(f"{where}: box {b.box} is degenerate (needs x1 > x0 and y1 > y0)")
-                if image_size is not None and (x0 < 0 or y0 < 0 or x1 > image_size.width or y1 > image_size.height):
-                    raise InvalidBox(f"{where}: box {b.box} is outside the {image_size.width}x{image_size.height} image")
-        return prompts
+        if image_size is not None:
+            self._check_bounds(items, image_size)
+        return CheckedPrompts(items=items, texts=texts, image_size=image_size)
+
+    @staticmethod
+    def _check_bounds(prompts: Sequence[Prompt], image_size: ImageSize) -> None:
+        for index, prompt in enumerate(prompts):
+            for b in prompt.boxes:
+                x0, y0, x1, y1 = b.box
+                if x0 < 0 or y0 < 0 or x1 > image_size.width or y1 > image_size.height:
+                    raise InvalidBox(f"prompt {index}: box {b.box} is outside the "
+                                     f"{image_size.width}x{image_size.height} image")
 
     def load_image(self, source: ImageSource, *, image_id: str | None = None) -> LoadedImage:
         """Decode with EXIF orientation under this pipeline's megapixel limit.
@@ -288,7 +296,7 @@ class Sam3Pipeline:
         )
 
     def encode_text(self, prompts: Sequence[str]) -> TextEmbedding:
-        """Text features and mask for N prompts (chunked only beyond the part's max batch)."""
+        """Text features and mask for N prompt texts (chunked only beyond the part's max batch)."""
         watch = _Stopwatch()
         with watch.stage("preprocess"):
             items = self.tokenizer.validate(prompts)
@@ -308,7 +316,7 @@ class Sam3Pipeline:
                 )
                 features.append(out[TensorNames.TEXT_FEATURES])
                 self.stage_calls["text_encoder"] += 1
-        # Stored under the decoder's input names, so decode() feeds it by name without a mapping.
+        # Stored under the decoder's input names, so the decoders are fed by name without a mapping.
         return TextEmbedding(
             prompts=tuple(items),
             tensors={
@@ -318,77 +326,46 @@ class Sam3Pipeline:
             timings_ms=watch.rounded(),
         )
 
-    def decode(
-        self,
-        image_emb: ImageEmbedding,
-        text_emb: TextEmbedding,
-        options: SegmentOptions | None = None,
-        *,
-        score_threshold: float | None = None,
-        mask_threshold: float | None = None,
-        max_detections: int | None = None,
-        with_masks: bool | None = None,
-    ) -> list[PromptResult]:
-        """Detections per prompt: all prompts in ONE decoder call (chunked only past max batch).
+    def _text_for(self, prompts: CheckedPrompts) -> TextEmbedding:
+        """The text rows of ``prompts``; box-only prompts reuse one encoding of "visual"."""
+        if any(text != BOX_ONLY_TEXT for text in prompts.texts):
+            return self.encode_text(prompts.texts)
+        fresh = self._box_only_text is None
+        if self._box_only_text is None:
+            self._box_only_text = self.encode_text([BOX_ONLY_TEXT])
+        one = self._box_only_text
+        rows = {name: np.repeat(value, len(prompts), axis=0) for name, value in one.tensors.items()}
+        return TextEmbedding(prompts=prompts.texts, tensors=rows, timings_ms=dict(one.timings_ms) if fresh else {})
 
-        The decoder graph takes the image features with batch 1 and broadcasts them over the
-        prompt batch, so N prompts cost one image-feature upload and one launch, not N.
-        ``segment`` with the two embeddings does the same and also returns the stage timings.
+    # ------------------------------------------------------------------ decoding
+
+    def decoder_inputs(self, image_emb: ImageEmbedding, text_emb: TextEmbedding,
+                       rows: Sequence[int] | None = None, extra: dict[str, np.ndarray] | None = None,
+                       part: str = "decoder") -> dict[str, np.ndarray]:
+        """A decoder's feed for prompt ``rows`` (default: all), by the manifest's input names and dtypes.
+
+        Image tensors are batch 1 (the graph broadcasts them over the prompts); text rows and
+        ``extra`` (the geometry encoder's tokens, already those rows) are per prompt.
         """
-        chosen = self.segment_options(
-            options, score_threshold=score_threshold, mask_threshold=mask_threshold,
-            max_detections=max_detections, with_masks=with_masks,
-        )  # fmt: skip
-        return self._decode(image_emb, text_emb, chosen, _Stopwatch())
+        rows = range(len(text_emb.prompts)) if rows is None else rows
+        take = _rows(rows)
+        feed: dict[str, np.ndarray] = {}
+        for tensor in self.parts[part].spec.inputs:
+            if tensor.name in image_emb.tensors:
+                value = image_emb.tensors[tensor.name]
+                if tensor.has_batch:  # a graph exported without the broadcast: repeat the image
+                    value = np.repeat(value[:1], len(rows), axis=0)
+            elif tensor.name in text_emb.tensors:
+                value = text_emb.tensors[tensor.name][take]
+            elif extra is not None and tensor.name in extra:
+                value = extra[tensor.name]
+            else:
+                raise InvalidInput(f"{part} input {tensor.name!r} has no source")
+            # Deliberate cast: the server may cache embeddings in fp16 to halve their bytes.
+            feed[tensor.name] = np.ascontiguousarray(value, dtype=tensor.dtype)
+        return feed
 
-    def _decode(
-        self, image_emb: ImageEmbedding, text_emb: TextEmbedding, options: SegmentOptions, watch: _Stopwatch
-    ) -> list[PromptResult]:
-        if image_emb.encoder_key and image_emb.encoder_key != self.encoder_key:
-            raise InvalidInput("this image embedding was computed by a different image encoder")
-        count = len(text_emb.prompts)
-        if count == 0:
-            raise InvalidInput("the text embedding holds no prompts")
-        part = self.parts["decoder"]
-        results = []
-        for start in range(0, count, part.max_batch):
-            stop = min(start + part.max_batch, count)
-            with watch.stage("decoder"):
-                out = part.run(self.decoder_inputs(image_emb, text_emb, start, stop))
-            self.stage_calls["decoder"] += 1
-            # Each chunk is reduced to its kept detections (low-resolution masks) before the next
-            # runs: a request holds one chunk of decoder outputs, not one per prompt.
-            with watch.stage("postprocess"):
-                for i in range(stop - start):
-                    detections = postprocess(
-                        out[TensorNames.PRED_MASKS][i],
-                        out[TensorNames.PRED_BOXES][i],
-                        out[TensorNames.PRED_LOGITS][i],
-                        float(np.asarray(out[TensorNames.PRESENCE_LOGITS][i]).reshape(-1)[0]),
-                        image_emb.image_size.shape,
-                        options,
-                    )
-                    results.append(PromptResult(prompt=text_emb.prompts[start + i], detections=tuple(detections)))
-            del out
-        return results
-
-    @staticmethod
-    def _results(out: dict[str, np.ndarray], names: Sequence[str], image_emb: ImageEmbedding,
-                 options: SegmentOptions) -> list[PromptResult]:
-        results = []
-        for i, name in enumerate(names):
-            detections = postprocess(
-                out[TensorNames.PRED_MASKS][i],
-                out[TensorNames.PRED_BOXES][i],
-                out[TensorNames.PRED_LOGITS][i],
-                float(np.asarray(out[TensorNames.PRESENCE_LOGITS][i]).reshape(-1)[0]),
-                image_emb.image_size.shape,
-                options,
-            )
-            results.append(PromptResult(prompt=name, detections=tuple(detections)))
-        return results
-
-    def exemplar_inputs(self, prompts: Sequence[ExemplarPrompt], image_size: ImageSize) -> dict[str, np.ndarray]:
+    def exemplar_inputs(self, prompts: Sequence[Prompt], image_size: ImageSize) -> dict[str, np.ndarray]:
         """Boxes as the geometry graph takes them: normalised cxcywh, padded to K with label -10.
 
         Normalised by the original image's size: the preprocessing resizes the whole image to
@@ -407,168 +384,107 @@ class Sam3Pipeline:
                 labels[row, col] = 1 if b.positive else 0
         return {TensorNames.INPUT_BOXES: boxes, TensorNames.INPUT_BOXES_LABELS: labels}
 
-    def _decode_exemplars(self, image_emb: ImageEmbedding, text_emb: TextEmbedding,
-                          prompts: Sequence[ExemplarPrompt], options: SegmentOptions,
-                          watch: _Stopwatch) -> list[PromptResult]:
+    def _run_text_rows(self, image_emb: ImageEmbedding, text_emb: TextEmbedding, prompts: CheckedPrompts,
+                       rows: Sequence[int], watch: _Stopwatch) -> dict[str, np.ndarray]:
+        """The decoder on text-only prompts: the image encoder's geometry CLS token stands for
+        "no boxes", so these prompts skip the geometry graph."""
+        with watch.stage("decoder"):
+            out = self.parts["decoder"].run(self.decoder_inputs(image_emb, text_emb, rows))
+        self.stage_calls["decoder"] += 1
+        return out
+
+    def _run_box_rows(self, image_emb: ImageEmbedding, text_emb: TextEmbedding, prompts: CheckedPrompts,
+                      rows: Sequence[int], watch: _Stopwatch) -> dict[str, np.ndarray]:
+        """Geometry encoder on the rows' boxes, then the exemplar decoder."""
+        geometry = self.parts["geometry_encoder"]
+        level = geometry.spec.input_names[0]  # the image level the boxes are pooled from
+        boxes = self.exemplar_inputs([prompts[row] for row in rows], image_emb.image_size)
+        with watch.stage("geometry_encoder"):
+            tokens = geometry.run({
+                level: np.ascontiguousarray(image_emb.tensors[level], dtype=geometry.spec.input(level).dtype),
+                **boxes,
+            })
+        self.stage_calls["geometry_encoder"] += 1
+        with watch.stage("decoder"):
+            out = self.parts["exemplar_decoder"].run(
+                self.decoder_inputs(image_emb, text_emb, rows, tokens, part="exemplar_decoder"))
+        self.stage_calls["decoder"] += 1
+        return out
+
+    def _decode(self, image_emb: ImageEmbedding, text_emb: TextEmbedding, prompts: CheckedPrompts,
+                options: SegmentOptions, watch: _Stopwatch) -> list[PromptResult]:
+        """Detections per prompt, in ``prompts`` order: text-only prompts in one batched decoder
+        call, prompts with boxes in one geometry + exemplar decoder call (each chunked only past
+        its graphs' max batch). The image features go in once per call, batch 1."""
         if image_emb.encoder_key and image_emb.encoder_key != self.encoder_key:
             raise InvalidInput("this image embedding was computed by a different image encoder")
-        geometry = self.parts["geometry_encoder"]
-        decoder = self.parts["exemplar_decoder"]
-        boxes = self.exemplar_inputs(prompts, image_emb.image_size)
-        level = geometry.spec.input_names[0]  # the image level the boxes are pooled from
-        results = []
-        step = min(geometry.max_batch, decoder.max_batch)
-        for start in range(0, len(prompts), step):
-            stop = min(start + step, len(prompts))
-            with watch.stage("geometry_encoder"):
-                tokens = geometry.run({
-                    level: np.ascontiguousarray(image_emb.tensors[level],
-                                                dtype=geometry.spec.input(level).dtype),
-                    **{name: value[start:stop] for name, value in boxes.items()},
-                })
-            self.stage_calls["geometry_encoder"] += 1
-            feed: dict[str, np.ndarray] = {}
-            for tensor in decoder.spec.inputs:
-                if tensor.name in image_emb.tensors:
-                    value = image_emb.tensors[tensor.name]
-                elif tensor.name in text_emb.tensors:
-                    value = text_emb.tensors[tensor.name][start:stop]
-                elif tensor.name in tokens:
-                    value = tokens[tensor.name]
-                else:
-                    raise InvalidInput(f"exemplar decoder input {tensor.name!r} has no source")
-                feed[tensor.name] = np.ascontiguousarray(value, dtype=tensor.dtype)
-            with watch.stage("decoder"):
-                out = decoder.run(feed)
-            self.stage_calls["decoder"] += 1
-            with watch.stage("postprocess"):
-                results.extend(self._results(out, [p.name for p in prompts[start:stop]], image_emb, options))
-            del out
-        return results
-
-    def decoder_inputs(
-        self, image_emb: ImageEmbedding, text_emb: TextEmbedding, start: int = 0, stop: int | None = None
-    ) -> dict[str, np.ndarray]:
-        """The decoder's feed for prompts ``start:stop``, by the manifest's input names and dtypes."""
-        stop = len(text_emb.prompts) if stop is None else stop
-        feed: dict[str, np.ndarray] = {}
-        for tensor in self.parts["decoder"].spec.inputs:
-            if tensor.name in image_emb.tensors:
-                value = image_emb.tensors[tensor.name]
-                if tensor.has_batch:  # a graph exported without the broadcast: repeat the image
-                    value = np.repeat(value[:1], stop - start, axis=0)
-            elif tensor.name in text_emb.tensors:
-                value = text_emb.tensors[tensor.name][start:stop]
-            else:
-                raise InvalidInput(
-                    f"decoder input {tensor.name!r} is in neither the image nor the text embedding"
-                )
-            # Deliberate cast: the server may cache embeddings in fp16 to halve their bytes.
-            feed[tensor.name] = np.ascontiguousarray(value, dtype=tensor.dtype)
-        return feed
+        if tuple(text_emb.prompts) != tuple(prompts.texts):
+            raise InvalidInput(f"the text embedding holds prompts {list(text_emb.prompts)[:4]}, "
+                               f"not those of this call {list(prompts.texts)[:4]}")
+        results: list[PromptResult | None] = [None] * len(prompts)
+        text_rows = [row for row, prompt in enumerate(prompts) if not prompt.boxes]
+        box_rows = [row for row, prompt in enumerate(prompts) if prompt.boxes]
+        paths = [(text_rows, self.parts["decoder"].max_batch, self._run_text_rows)]
+        if box_rows:
+            step = min(self.parts["geometry_encoder"].max_batch, self.parts["exemplar_decoder"].max_batch)
+            paths.append((box_rows, step, self._run_box_rows))
+        for rows, step, run in paths:
+            for start in range(0, len(rows), step):
+                chunk = rows[start:start + step]
+                out = run(image_emb, text_emb, prompts, chunk, watch)
+                # Each chunk is reduced to its kept detections (low-resolution masks) before the
+                # next runs: a request holds one chunk of decoder outputs, not one per prompt.
+                with watch.stage("postprocess"):
+                    for i, row in enumerate(chunk):
+                        detections = postprocess(
+                            out[TensorNames.PRED_MASKS][i],
+                            out[TensorNames.PRED_BOXES][i],
+                            out[TensorNames.PRED_LOGITS][i],
+                            float(np.asarray(out[TensorNames.PRESENCE_LOGITS][i]).reshape(-1)[0]),
+                            image_emb.image_size.shape,
+                            options,
+                        )
+                        results[row] = PromptResult(prompt=prompts[row].name, detections=detections)
+                del out
+        return [result for result in results if result is not None]
 
     # ------------------------------------------------------------------ one call
 
     def segment(
         self,
         image: ImageEmbedding | LoadedImage | ImageSource,
-        prompts: TextEmbedding | Sequence[str],
-        options: SegmentOptions | None = None,
-        *,
-        score_threshold: float | None = None,
-        mask_threshold: float | None = None,
-        max_detections: int | None = None,
-        with_masks: bool | None = None,
-    ) -> SegmentResult:
-        """Image + prompts -> :class:`SegmentResult` with the ``timings_ms`` of what this call ran.
-
-        Cheap checks run first (options, prompts), so bad input costs no encoder time.
-        ``image`` may be an :class:`ImageEmbedding` and ``prompts`` a :class:`TextEmbedding`
-        (computed or cached earlier): those stages are not run and count 0 ms here.
-        """
-        started = time.perf_counter()
-        chosen = self.segment_options(
-            options, score_threshold=score_threshold, mask_threshold=mask_threshold,
-            max_detections=max_detections, with_masks=with_masks,
-        )  # fmt: skip
-        watch = _Stopwatch()
-        if not isinstance(prompts, TextEmbedding):
-            with watch.stage("preprocess"):
-                prompts = self.check_prompts(prompts)
-        cache_hit = isinstance(image, ImageEmbedding)
-        if not isinstance(image, (ImageEmbedding, LoadedImage)):
-            with watch.stage("preprocess"):
-                image = self.load_image(image)
-        if isinstance(prompts, TextEmbedding):
-            text_emb = prompts
-        else:
-            text_emb = self.encode_text(prompts)
-            watch.merge(text_emb.timings_ms)
-        if isinstance(image, ImageEmbedding):
-            image_emb = image
-        else:
-            image_emb = self.encode_image(image)
-            watch.merge(image_emb.timings_ms)
-        results = self._decode(image_emb, text_emb, chosen, watch)
-        timings = {stage: 0.0 for stage in STAGES}
-        timings.update(watch.ms)
-        timings["total"] = (time.perf_counter() - started) * 1000.0
-        return SegmentResult(
-            image_id=image_emb.image_id,
-            image_size=image_emb.image_size,
-            results=results,
-            timings_ms={k: round(v, 3) for k, v in timings.items()},
-            cache_hit=cache_hit,
-            extra={"backend": self.backend.kind, "precision": self.backend.precision},
-        )
-
-    def segment_exemplars(
-        self,
-        image: ImageEmbedding | LoadedImage | ImageSource,
-        prompts: Sequence[ExemplarPrompt],
+        prompts: Sequence[str | Prompt] | CheckedPrompts,
         options: SegmentOptions | None = None,
         *,
         text: TextEmbedding | None = None,
-        score_threshold: float | None = None,
-        mask_threshold: float | None = None,
-        max_detections: int | None = None,
-        with_masks: bool | None = None,
     ) -> SegmentResult:
-        """Image + prompts of text and/or exemplar boxes -> :class:`SegmentResult`.
+        """Image + prompts (text, exemplar boxes, or both, in any mix) -> :class:`SegmentResult`.
 
-        On a cached :class:`ImageEmbedding` a new box costs the geometry encoder and the
-        exemplar decoder only: box-only prompts reuse one encoding of "visual", and prompts with
-        text may bring their ``text`` embedding (rows in ``prompts`` order) from a cache.
+        Cheap checks run first (options, prompts; box bounds once the image size is known), so
+        bad input costs no encoder time. ``image`` may be an :class:`ImageEmbedding` and
+        ``text`` the prompts' :class:`TextEmbedding` (rows in ``prompts`` order), computed or
+        cached earlier: those stages are not run and count 0 ms in ``timings_ms``, which holds
+        every stage of :data:`STAGES` and "total".
         """
         started = time.perf_counter()
-        chosen = self.segment_options(
-            options, score_threshold=score_threshold, mask_threshold=mask_threshold,
-            max_detections=max_detections, with_masks=with_masks,
-        )  # fmt: skip
+        chosen = self.check_options(options)
         watch = _Stopwatch()
-        prompts = tuple(prompts)
-        if not any(p.boxes for p in prompts):
-            # no boxes: the text path (cached CLS token) gives the same answer, faster
-            return self.segment(image, text if text is not None else [p.model_text for p in prompts], chosen)
+        checked = self.check_prompts(prompts)  # checks are no stage: they count in "total" only
         cache_hit = isinstance(image, ImageEmbedding)
         if not isinstance(image, (ImageEmbedding, LoadedImage)):
             with watch.stage("preprocess"):
                 image = self.load_image(image)
-        with watch.stage("preprocess"):
-            prompts = self.check_exemplars(prompts, image.image_size if cache_hit else image.size)
+        checked = self.check_prompts(checked, image.image_size if isinstance(image, ImageEmbedding) else image.size)
         if text is None:
-            text = self._exemplar_text(prompts)
+            text = self._text_for(checked)
             watch.merge(text.timings_ms)
-        elif len(text.prompts) != len(prompts):
-            raise InvalidInput(f"the text embedding holds {len(text.prompts)} prompts, not {len(prompts)}")
         if isinstance(image, ImageEmbedding):
             image_emb = image
         else:
             image_emb = self.encode_image(image)
             watch.merge(image_emb.timings_ms)
-        results = self._decode_exemplars(image_emb, text, prompts, chosen, watch)
-        timings = {stage: 0.0 for stage in STAGES}
-        timings.update(watch.ms)
+        results = self._decode(image_emb, text, checked, chosen, watch)
+        timings = add_timings(watch.ms)
         timings["total"] = (time.perf_counter() - started) * 1000.0
         return SegmentResult(
             image_id=image_emb.image_id,
@@ -579,14 +495,10 @@ class Sam3Pipeline:
             extra={"backend": self.backend.kind, "precision": self.backend.precision},
         )
 
-    def _exemplar_text(self, prompts: Sequence[ExemplarPrompt]) -> TextEmbedding:
-        if all(p.text is None for p in prompts):
-            if self._box_only_text is None:
-                self._box_only_text = self.encode_text([BOX_ONLY_TEXT])
-                watch_ms = self._box_only_text.timings_ms
-            else:
-                watch_ms = {}
-            one = self._box_only_text
-            rows = {name: np.repeat(value, len(prompts), axis=0) for name, value in one.tensors.items()}
-            return TextEmbedding(prompts=tuple(BOX_ONLY_TEXT for _ in prompts), tensors=rows, timings_ms=watch_ms)
-        return self.encode_text([p.model_text for p in prompts])
+
+def _rows(rows: Sequence[int]) -> slice | list[int]:
+    """``rows`` as an index: a slice (a view) when they are consecutive, as in a text-only call."""
+    rows = list(rows)
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return rows

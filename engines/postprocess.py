@@ -43,20 +43,12 @@ def postprocess(
     presence_logit: np.ndarray | float,
     original_size: tuple[int, int],
     options: SegmentOptions | None = None,
-    *,
-    score_threshold: float | None = None,
-    mask_threshold: float | None = None,
-    max_detections: int | None = None,
-    with_masks: bool | None = None,
 ) -> tuple[Detection, ...]:
     """Detections of one prompt: masks [Q, h, w] logits, boxes [Q, 4], logits [Q], presence [1].
 
     ``original_size`` is numpy's (height, width) of the original image (``ImageSize.shape``).
     """
-    options = SegmentOptions.of(
-        options, score_threshold=score_threshold, mask_threshold=mask_threshold,
-        max_detections=max_detections, with_masks=with_masks,
-    )  # fmt: skip
+    options = options if options is not None else SegmentOptions()
     score_threshold, mask_threshold = float(options.score_threshold), float(options.mask_threshold)
     max_detections, with_masks = options.max_detections, options.with_masks
     height, width = (int(v) for v in original_size)

@@ -8,7 +8,7 @@ actually ran without timing the pipeline from outside.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -16,7 +16,17 @@ from engines.errors import InvalidBox
 from engines.masks import DenseMask, MaskSource
 
 # Pipeline stages, in order: the keys of every ``timings_ms`` below (plus "total" on a segment).
-STAGES = ("preprocess", "image_encoder", "text_encoder", "decoder", "postprocess")
+STAGES = ("preprocess", "image_encoder", "text_encoder", "geometry_encoder", "decoder", "postprocess")
+
+
+def add_timings(*records: dict[str, float]) -> dict[str, float]:
+    """Milliseconds per stage summed over ``records`` (a call's own, and the embeddings it was
+    given that the caller computed for the same request), every stage of :data:`STAGES` present."""
+    total = {stage: 0.0 for stage in STAGES}
+    for record in records:
+        for stage, ms in record.items():
+            total[stage] = total.get(stage, 0.0) + ms
+    return total
 
 
 class ImageSize(NamedTuple):
@@ -31,11 +41,10 @@ class ImageSize(NamedTuple):
 
 
 class Prompts(tuple[str, ...]):
-    """Prompts that passed :meth:`engines.tokenizer.PromptTokenizer.validate`.
+    """Prompt texts that passed :meth:`engines.tokenizer.PromptTokenizer.validate`.
 
-    Validation happens once, where the prompts enter (the server before queueing, the pipeline
-    in ``segment``); code handed a ``Prompts`` does not check again. A subset of validated
-    prompts is valid too (the server encodes only the ones its text cache lacks).
+    Code handed a ``Prompts`` does not check again. A subset of validated texts is valid too
+    (the server encodes only the ones its text cache lacks).
     """
 
     __slots__ = ()
@@ -50,7 +59,7 @@ class ExemplarBox:
 
 
 @dataclass(frozen=True)
-class ExemplarPrompt:
+class Prompt:
     """A prompt given by text, exemplar boxes, or both: Meta's text prompt plus geometric prompt.
 
     Without text the model is given the text "visual", as Meta's ``add_geometric_prompt`` and
@@ -62,10 +71,10 @@ class ExemplarPrompt:
 
     @classmethod
     def from_wire(cls, boxes: Sequence[Sequence[float]], labels: Sequence[int] | None = None,
-                  text: str | None = None, index: int = 0) -> "ExemplarPrompt":
+                  text: str | None = None, index: int = 0) -> "Prompt":
         """The API's form (``boxes`` as [x0, y0, x1, y1], ``labels`` 1/0, default all 1) as the
         pipeline takes it; :class:`InvalidBox` names prompt ``index`` when the form is wrong. The
-        boxes themselves are checked against the image by ``Sam3Pipeline.check_exemplars``."""
+        boxes themselves are checked against the image by ``Sam3Pipeline.check_prompts``."""
         labels = list(labels) if labels is not None else [1] * len(boxes)
         where = f"prompt {index}"
         if not boxes:
@@ -91,6 +100,33 @@ class ExemplarPrompt:
 
 
 BOX_ONLY_TEXT = "visual"
+
+
+@dataclass(frozen=True)
+class CheckedPrompts:
+    """Prompts that passed ``Sam3Pipeline.check_prompts``: made there only, never checked again.
+
+    ``image_size`` is the image the boxes were checked against (None: everything but the
+    bounds was checked, as a server does before it has decoded the image; ``segment`` then
+    checks the bounds alone).
+    """
+
+    items: tuple[Prompt, ...]
+    texts: Prompts  # what the text encoder reads, one per prompt ("visual" for boxes alone)
+    image_size: ImageSize | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return iter(self.items)
+
+    def __getitem__(self, index: int) -> Prompt:
+        return self.items[index]
+
+    @property
+    def has_boxes(self) -> bool:
+        return any(p.boxes for p in self.items)
 
 
 @dataclass(frozen=True)
@@ -141,6 +177,20 @@ class TextEmbedding:
     tensors: dict[str, np.ndarray]  # text features [N, L, C] and the mask [N, L]
     # preprocess + text_encoder ms of the run that computed it ({} for rows taken from a cache)
     timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def row(self, index: int) -> "TextEmbedding":
+        """Prompt ``index`` alone, as a cache keeps it (a copy: the batch can be freed)."""
+        return TextEmbedding(prompts=(self.prompts[index],),
+                             tensors={k: np.ascontiguousarray(v[index : index + 1]) for k, v in self.tensors.items()})
+
+    @classmethod
+    def stack(cls, rows: Sequence["TextEmbedding"], timings_ms: dict[str, float] | None = None) -> "TextEmbedding":
+        """Embeddings one after another, as one (e.g. rows from a cache, in a request's order)."""
+        if len(rows) == 1:
+            return cls(prompts=rows[0].prompts, tensors=rows[0].tensors, timings_ms=dict(timings_ms or {}))
+        return cls(prompts=tuple(p for r in rows for p in r.prompts),
+                   tensors={k: np.concatenate([r.tensors[k] for r in rows], axis=0) for k in rows[0].tensors},
+                   timings_ms=dict(timings_ms or {}))
 
     @property
     def nbytes(self) -> int:

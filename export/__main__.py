@@ -1,4 +1,4 @@
-"""``python -m export``: build | demo | inspect.
+"""``python -m export``: build | demo | quantize | emulate-fp16 | triton | inspect.
 
 Every failure a user can cause (bad path, unknown format, shape mismatch, parity failure,
 full disk) ends in one line on stderr and a non-zero exit, and never leaves a half-written

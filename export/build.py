@@ -1,4 +1,4 @@
-"""checkpoint -> merged model -> three ONNX graphs -> verified, self-describing bundle.
+"""checkpoint -> merged model -> ONNX graphs (three, plus two for box prompts) -> verified, self-describing bundle.
 
 Everything is written into a staging directory beside the target and renamed into place
 only after verification passed, so a failed or interrupted build never leaves a
@@ -159,7 +159,7 @@ def build_bundle(model, out: Path, options: BuildOptions) -> Manifest:
         if options.fp16_check:
             options.progress("fp16 range")
             started = time.perf_counter()
-            # one half-precision copy of the whole model serves all three parts
+            # one half-precision copy of the whole model serves every part
             half_parts = (split_model(copy.deepcopy(model).half(), exemplars=options.max_boxes > 0)
                           if options.fp16_error_run else None)
             fp16 = verify.fp16_range(parts, paths, part_inputs, half_parts)

@@ -53,13 +53,14 @@ def bound_the_allocator() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
+    from engines.factory import BACKEND_KINDS
     from server.app import create_app
     from server.protocol import with_header_timeout
     from server.settings import Settings
 
     parser = argparse.ArgumentParser(prog="python -m server", description="SAM3 segmentation server")
     parser.add_argument("--bundle", help="bundle directory (env SAM3_BUNDLE)")
-    parser.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "triton"), help="env SAM3_BACKEND")
+    parser.add_argument("--backend", choices=BACKEND_KINDS, help="env SAM3_BACKEND")
     parser.add_argument("--triton-url", help="backend triton: gRPC host:port of the Triton server (env SAM3_TRITON_URL)")
     parser.add_argument("--host", help="bind address (env SAM3_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (env SAM3_PORT, default 8000)")

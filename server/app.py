@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from engines.factory import plan_precision
 from engines.errors import BundleError
 from engines.options import Limits, SegmentOptions
 from engines.types import ImageEmbedding, LoadedImage, TextEmbedding
@@ -66,9 +67,7 @@ def load_pipeline(settings: Settings, on_state: Callable[[str], None]) -> Sam3Pi
         settings.bundle,
         settings.backend,
         limits=limits(settings),
-        # SAM3_PRECISION is the TensorRT plan precision; SAM3_BACKEND=onnxruntime has no plans
-        # (and `auto` drops it by itself if it ends up on ONNX Runtime).
-        precision=None if settings.backend in ("onnxruntime", "triton") else settings.precision,
+        precision=plan_precision(settings.backend, settings.precision),  # SAM3_PRECISION: plans only
         engines_dir=settings.engines_dir,
         on_build=lambda part: on_state("building_engines"),
         **triton_backend_options(settings),  # --backend triton: url, prefix, timeouts (server/triton.py)
@@ -170,7 +169,7 @@ def create_app(
     )
     if settings.trusted_hosts:
         app.add_middleware(TrustedHostMiddleware, hosts=settings.trusted_hosts)
-    app.add_middleware(AdmissionMiddleware, full=service.refusal)
+    app.add_middleware(AdmissionMiddleware, admit=service.admit)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _document(app, settings, service)
     return app

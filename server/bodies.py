@@ -19,7 +19,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from pydantic import ValidationError
 
 from engines.errors import InvalidBox, InvalidImage, InvalidPrompt, TooManyPrompts
-from engines.types import ExemplarPrompt
+from engines.types import Prompt
 from server.cpu import CpuWork
 from server.errors import BadRequest, InvalidField, PayloadTooLarge, UnsupportedMediaType
 from server.image_ids import ID_PATTERN
@@ -33,16 +33,16 @@ class SegmentRequest:
 
     data: bytes | None
     image_id: str | None
-    prompts: list[str | ExemplarPrompt]  # text, or exemplar boxes with or without text
+    prompts: list[str | Prompt]  # text, or exemplar boxes with or without text
     options: SegmentOptionsModel
 
 
-def exemplar_prompt(entry: ExemplarEntry, index: int) -> ExemplarPrompt:
+def exemplar_prompt(entry: ExemplarEntry, index: int) -> Prompt:
     """An exemplar entry as the runtime takes it; the runtime checks the boxes against the image."""
-    return ExemplarPrompt.from_wire(entry.boxes, entry.labels, entry.text, index)
+    return Prompt.from_wire(entry.boxes, entry.labels, entry.text, index)
 
 
-def _form_exemplar(text: str, index: int) -> ExemplarPrompt:
+def _form_exemplar(text: str, index: int) -> Prompt:
     try:
         entry = ExemplarEntry.model_validate_json(text)
     except ValidationError as exc:
@@ -113,7 +113,7 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[dict[st
                         f"image content type {declared!r} is not accepted "
                         f"(accepted: {', '.join(settings.allowed_content_types)})"
                     )
-                data = await value.read(settings.max_upload_bytes + 1)
+                data = await value.read(settings.max_upload_bytes + 1)  # a bound; _image_bytes checks
             elif key == "prompt":
                 fields.setdefault("prompts", []).append(value)
             elif key == "exemplar":  # in order with the text prompts: one result per field
@@ -132,7 +132,7 @@ def _decode_base64(text: str, settings: Settings) -> bytes:
     if text.startswith("data:"):
         text = text.split(",", 1)[1] if "," in text else ""
     text = "".join(text.split())
-    if len(text) * 3 // 4 > settings.max_upload_bytes + 3:
+    if len(text) * 3 // 4 > settings.max_upload_bytes + 3:  # refused before decoding; _image_bytes checks
         raise PayloadTooLarge(f"image of ~{len(text) * 3 // 4} bytes; at most {settings.max_upload_bytes} bytes")
     try:
         return base64.b64decode(text, validate=True)
@@ -176,6 +176,15 @@ def _form_options(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _image_bytes(data: bytes, settings: Settings) -> bytes:
+    """The one check of an upload's size; the readers above only stop reading past the limit."""
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)")
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"image of {len(data)} bytes; at most {settings.max_upload_bytes} bytes")
+    return data
+
+
 async def read_segment_request(request: Request, settings: Settings, cpu: CpuWork) -> SegmentRequest:
     media = media_type(request)
     if media == "multipart/form-data":
@@ -197,7 +206,7 @@ async def read_segment_request(request: Request, settings: Settings, cpu: CpuWor
         raise InvalidField("send exactly one of 'image' (the bytes) or 'image_id'")
     if image_id is not None and not re.fullmatch(ID_PATTERN, image_id):
         raise InvalidField("'image_id' is 64 lowercase hex digits, as the server returned it")
-    return SegmentRequest(data=data, image_id=image_id, prompts=prompts, options=options)
+    return SegmentRequest(data=None if data is None else _image_bytes(data, settings), image_id=image_id, prompts=prompts, options=options)
 
 
 async def read_embed_request(request: Request, settings: Settings, cpu: CpuWork) -> bytes:
@@ -214,4 +223,4 @@ async def read_embed_request(request: Request, settings: Settings, cpu: CpuWork)
         raise UnsupportedMediaType("POST /embed takes multipart/form-data or application/json")
     if data is None:
         raise InvalidImage("an 'image' file is required")
-    return data
+    return _image_bytes(data, settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AbstractAsyncContextManager
 from typing import Callable, Sequence
 
 from fastapi.responses import JSONResponse, Response
@@ -100,25 +101,33 @@ _REJECTED = {429: "queue_full", 504: "deadline", 408: "body_timeout", CLIENT_CLO
 
 
 class AdmissionMiddleware:
-    """A full server refuses POST /segment and /embed here, before routing, the body and the key
-    are looked at: the cheapest possible 429 (the route takes the slot itself: server/service.py)."""
+    """The one admission point of POST /segment and /embed: a request takes a slot here, before
+    routing, the body and the key are looked at, and holds it until answered; a full server
+    refuses at once, the cheapest possible 429 (``admit``: server/service.py)."""
 
     PATHS = ("/segment", "/embed")
 
-    def __init__(self, app: ASGIApp, full: Callable[[], BaseException | None]) -> None:
+    def __init__(self, app: ASGIApp, admit: Callable[[], AbstractAsyncContextManager[None]]) -> None:
         self.app = app
-        self.full = full
+        self.admit = admit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS:
-            refused = self.full()
-            if isinstance(refused, Sam3Error):
-                scope["route"] = _Label(scope["path"])  # the metrics label, as routing would set it
-                body = error_body(refused.code, str(refused))
-                headers = dict(getattr(refused, "headers", {}) or {})
-                await JSONResponse(body, status_code=http_status(refused), headers=headers)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if not (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS):
+            await self.app(scope, receive, send)
+            return
+        slot = self.admit()
+        try:
+            await slot.__aenter__()
+        except Sam3Error as refused:
+            scope["route"] = _Label(scope["path"])  # the metrics label, as routing would set it
+            body = error_body(refused.code, str(refused))
+            headers = dict(getattr(refused, "headers", {}) or {})
+            await JSONResponse(body, status_code=http_status(refused), headers=headers)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            await slot.__aexit__(None, None, None)
 
 
 class _Label:

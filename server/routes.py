@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
 
 from engines.bundle import Manifest
 from engines.options import SegmentOptions
@@ -23,16 +22,12 @@ from server.errors import error_body
 from server.image_ids import ID_PATTERN
 from server.schemas import (
     DeleteResponse,
-    EmbedJSON,
-    EmbedMultipart,
     EmbedResponse,
     ErrorResponse,
     HealthResponse,
     InfoResponse,
     NotReadyResponse,
     ReadyResponse,
-    SegmentJSON,
-    SegmentMultipart,
     SegmentResponse,
 )
 from server.service import SegmentService
@@ -57,18 +52,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         504: "Deadline exceeded",
     }.items()
 }
-
-
-def _body_doc(multipart: type[BaseModel], json_model: type[BaseModel]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {"schema": multipart.model_json_schema()},
-                "application/json": {"schema": json_model.model_json_schema()},
-            },
-        }
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,8 +82,7 @@ probes = APIRouter()
 @api.post(
     "/segment",
     response_model=SegmentResponse,
-    openapi_extra=_body_doc(SegmentMultipart, SegmentJSON),
-    summary="Segment an image with text prompts",
+    summary="Segment an image with text prompts, exemplar boxes or both",
 )
 async def segment(
     request: Request,
@@ -108,19 +90,19 @@ async def segment(
     settings: Settings = Depends(get_settings),
     namespace: str = Depends(require_api_key),
 ) -> dict[str, Any]:
-    async with service.admit():  # before the body is read: a full server reads nothing
-        body = await read_segment_request(request, settings, service.cpu)
-        chosen = body.options
-        options = SegmentOptions(
-            score_threshold=chosen.score_threshold,
-            mask_threshold=chosen.mask_threshold,
-            max_detections=chosen.max_detections,  # None: the server's cap (SAM3_MAX_DETECTIONS)
-            with_masks=chosen.mask_format != "none",
-        )
-        done = await service.segment(
-            data=body.data, image_id=body.image_id, prompts=body.prompts, options=options,
-            mask_format=chosen.mask_format, namespace=namespace,
-        )  # fmt: skip
+    # Admitted by AdmissionMiddleware before the body is read: a full server reads nothing.
+    body = await read_segment_request(request, settings, service.cpu)
+    chosen = body.options
+    options = SegmentOptions(
+        score_threshold=chosen.score_threshold,
+        mask_threshold=chosen.mask_threshold,
+        max_detections=chosen.max_detections,  # None: the server's cap (SAM3_MAX_DETECTIONS)
+        with_masks=chosen.mask_format != "none",
+    )
+    done = await service.segment(
+        data=body.data, image_id=body.image_id, prompts=body.prompts, options=options,
+        mask_format=chosen.mask_format, namespace=namespace,
+    )  # fmt: skip
     # A dict, validated once against SegmentResponse by FastAPI on the way out (a model built
     # here would be validated twice: masks make this body the largest the server sends).
     return {
@@ -136,7 +118,6 @@ async def segment(
 @api.post(
     "/embed",
     response_model=EmbedResponse,
-    openapi_extra=_body_doc(EmbedMultipart, EmbedJSON),
     summary="Compute and cache an image embedding",
 )
 async def embed(
@@ -145,8 +126,7 @@ async def embed(
     settings: Settings = Depends(get_settings),
     namespace: str = Depends(require_api_key),
 ) -> EmbedResponse:
-    async with service.admit():
-        done = await service.embed(await read_embed_request(request, settings, service.cpu), namespace)
+    done = await service.embed(await read_embed_request(request, settings, service.cpu), namespace)
     return EmbedResponse.model_validate(
         {"image_id": done.image_id, "image_size": done.image_size._asdict(), "cached": done.cached}
     )

@@ -72,26 +72,6 @@ class EmbedJSON(BaseModel):
     image: str = Field(..., description="Base64 image bytes.")
 
 
-class SegmentMultipart(BaseModel):
-    """Multipart form of POST /segment, for the OpenAPI document; server/requests.py reads the
-    form itself (streamed, size-bounded) and validates the options with SegmentOptionsModel."""
-
-    image: bytes | None = Field(None, json_schema_extra={"format": "binary"})
-    image_id: str | None = None
-    prompt: list[str] = Field([], description="Repeat the field for several prompts.")
-    exemplar: list[str] = Field([], description="An exemplar entry as JSON text; repeatable, in order with 'prompt'.")
-    score_threshold: float = Field(0.5, ge=THRESHOLD_MIN, le=THRESHOLD_MAX)
-    mask_threshold: float = Field(0.5, ge=THRESHOLD_MIN, le=THRESHOLD_MAX)
-    max_detections: int | None = Field(None, ge=MIN_DETECTIONS)
-    mask_format: MaskFormat = "rle"
-
-
-class EmbedMultipart(BaseModel):
-    """Multipart form of POST /embed (for the OpenAPI document, as SegmentMultipart)."""
-
-    image: bytes = Field(..., json_schema_extra={"format": "binary"})
-
-
 def request_bodies(
     *,
     max_upload_bytes: int,
@@ -148,10 +128,12 @@ def request_bodies(
         "pattern": ID_PATTERN,
         "description": "An image_id this API key received from POST /segment or /embed.",
     }
-    threshold = {"type": "number", "minimum": THRESHOLD_MIN, "maximum": THRESHOLD_MAX}
+    # The options as SegmentOptionsModel (what the parser validates) declares them, plus this
+    # server's cap; both body forms share them.
+    declared = SegmentOptionsModel.model_json_schema()["properties"]
     options: dict[str, dict[str, Any]] = {
-        "score_threshold": {**threshold, "default": 0.5, "description": "Keep detections scoring at least this."},
-        "mask_threshold": {**threshold, "default": 0.5, "description": "Mask probability cut-off."},
+        "score_threshold": declared["score_threshold"],
+        "mask_threshold": declared["mask_threshold"],
         "max_detections": {
             "type": "integer", "minimum": MIN_DETECTIONS, "maximum": max_detections,
             "description": "Detections per prompt (default: the cap; with P prompts at most SAM3_MAX_MASKS // P).",
@@ -256,16 +238,23 @@ class Timings(_Response):
     """Milliseconds per stage of one request; a stage the request did not run counts 0."""
 
     queue: float = Field(..., description="Waiting for the inference worker.")
-    image_encoder: float = Field(..., description="Pixel preparation + image encoder (0 on a cache hit).")
-    text_encoder: float = Field(..., description="Tokenizer + text encoder for prompts not in the text cache.")
+    preprocess: float = Field(..., description="Pixel preparation and tokenizing.")
+    image_encoder: float = Field(..., description="The image encoder (0 on a cache hit).")
+    text_encoder: float = Field(..., description="The text encoder, for prompts not in the text cache.")
     geometry_encoder: float = Field(..., description="The exemplar boxes' prompt encoder (0 without boxes).")
     decoder: float = Field(..., description="The decoder, all prompts in one call per max batch.")
     postprocess: float = Field(..., description="Masks upsampled, thresholded and encoded.")
     total: float = Field(..., description="Request received to response ready.")
 
 
-# The stages a response reports, in order (metrics label them the same way).
+# The stages a response reports, in order (metrics label them the same way): the pipeline's
+# STAGES between the server's own "queue" and "total" (a test holds them equal).
 RESPONSE_STAGES: tuple[str, ...] = tuple(Timings.model_fields)
+
+
+def response_timings(timings: dict[str, float]) -> dict[str, float]:
+    """A request's milliseconds per stage as the response reports them (0 for a stage not run)."""
+    return {stage: round(float(timings.get(stage, 0.0)), 3) for stage in RESPONSE_STAGES}
 
 
 class ModelOut(_Response):

@@ -1,13 +1,14 @@
 """What a request does, minus HTTP: cache lookups, the worker job, postprocessing.
 
 Routes parse and shape; this module decides where each step runs, and bounds what it holds:
-- admission first (:meth:`SegmentService.admit`): a request takes one of ``SAM3_QUEUE_SIZE``
-  slots before its body is read and keeps it until answered; a full server answers 429 at once;
+- admission first (:meth:`SegmentService.admit`, taken by server/middleware.py): a request
+  takes one of ``SAM3_QUEUE_SIZE`` slots before its body is read and keeps it until answered; a
+  full server answers 429 at once;
 - hashing and image decoding run in the thread pool (CPU work, not the GPU thread's business);
   a cache hit on the image's id skips decoding entirely. At most ``SAM3_DECODE_CONCURRENCY``
   decoded images exist at once: a decode slot is held from decoding until the job that encodes
   the image has run;
-- encode_image / encode_text / decode run as ONE job on the inference worker (GPU-bound); the
+- encode_image / encode_text / segment run as ONE job on the inference worker (GPU-bound); the
   job keeps each detection's low-resolution mask only;
 - mask encoding (RLE/PNG/polygon) runs in the thread pool again, one full-resolution mask at a
   time (engines/masks.py), so the worker is free for the next job while masks are encoded.
@@ -16,8 +17,9 @@ Image ids are keyed by the server's secret and the caller's namespace (server/im
 server/auth.py), and so is the embedding cache.
 
 Everything the server needs to know about the model it asks the pipeline: the limits and the
-checks (``check_prompts``, ``segment_options``), the cache keys (``encoder_key``,
-``text_encoder_key``), the stage timings (in the embeddings and results it returns).
+checks (``check_prompts``, ``check_options``), the cache keys (``encoder_key``,
+``text_encoder_key``), the stage timings (in the embeddings and results it returns), the text
+embedding's rows (``TextEmbedding.row``/``stack``).
 """
 
 from __future__ import annotations
@@ -29,16 +31,26 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
 
-from engines.errors import InvalidImage
+from engines.factory import embedding_dtype
 from engines.options import SegmentOptions
 from engines.postprocess import result_document
-from engines.types import ExemplarPrompt, ImageEmbedding, ImageSize, LoadedImage, Prompts, SegmentResult, TextEmbedding
+from engines.types import (
+    CheckedPrompts,
+    ImageEmbedding,
+    ImageSize,
+    LoadedImage,
+    Prompt,
+    Prompts,
+    SegmentResult,
+    TextEmbedding,
+    add_timings,
+)
 from server.cache import EmbeddingCache, TextCache
-from server.errors import ImageNotCached, NotReady, PayloadTooLarge, QueueFull
+from server.errors import ImageNotCached, NotReady, QueueFull
 from server.cpu import CpuWork
 from server.image_ids import ImageIds
 from server.metrics import Metrics
-from server.schemas import RESPONSE_STAGES
+from server.schemas import response_timings
 from server.settings import Settings
 from server.worker import InferenceWorker
 
@@ -114,24 +126,17 @@ class SegmentService:
         self.decoding_peak = 0
 
     # -- admission ---------------------------------------------------------------------------
-    def refusal(self) -> QueueFull | None:
-        """The 429 a new request gets now, or None if there is a slot (server/middleware.py asks
-        before routing; :meth:`admit` takes the slot)."""
-        if self.in_flight < self.settings.queue_size:
-            return None
-        self.worker.stats.rejected_full += 1
-        return QueueFull(
-            f"server is full ({self.settings.queue_size} requests in progress); retry later",
-            retry_after_s=self.worker.retry_after_s(),
-        )
-
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
-        """One of ``queue_size`` slots for the whole request, taken before its body is read: a
-        full server refuses at once (429) without reading, hashing or decoding anything."""
-        refused = self.refusal()
-        if refused is not None:
-            raise refused
+        """One of ``queue_size`` slots for the whole request, taken before its body is read
+        (server/middleware.py): a full server refuses at once (429) without reading, hashing or
+        decoding anything."""
+        if self.in_flight >= self.settings.queue_size:
+            self.worker.stats.rejected_full += 1
+            raise QueueFull(
+                f"server is full ({self.settings.queue_size} requests in progress); retry later",
+                retry_after_s=self.worker.retry_after_s(),
+            )
         self.in_flight += 1
         try:
             yield
@@ -144,28 +149,20 @@ class SegmentService:
         return self.worker.pipeline
 
     def _ready_pipeline(self) -> Sam3Pipeline:
+        """The pipeline, or NotReady: asked once per operation, before any work is done for it."""
         pipeline = self.pipeline
-        if pipeline is None:
+        if pipeline is None or self.worker.state != "ready":
             raise NotReady(f"inference engines are not ready (state: {self.worker.state})")
         return pipeline
 
     def image_key(self, namespace: str, image_id: str) -> ImageKey:
         return (namespace, image_id, self._ready_pipeline().encoder_key)
 
-    # -- validation (before any queueing) ----------------------------------------------------
-    def check_image_size(self, data: bytes) -> None:
-        if not data:
-            raise InvalidImage("the image is empty (0 bytes)")
-        if len(data) > self.settings.max_upload_bytes:
-            raise PayloadTooLarge(
-                f"image of {len(data)} bytes; at most {self.settings.max_upload_bytes} bytes"
-            )
-
     # -- operations --------------------------------------------------------------------------
     async def embed(self, data: bytes, namespace: str = "") -> Embedded:
         """Encode (or find) an image's embedding."""
-        self.check_image_size(data)
-        encoded = await self._encode(namespace, data, None, prompts=None, options=None)
+        pipeline = self._ready_pipeline()
+        encoded = await self._encode(pipeline, namespace, data, None, prompts=None, options=None)
         embedding = encoded.embedding
         return Embedded(encoded.image_id, embedding.image_size, cached=encoded.image_hit)
 
@@ -174,46 +171,40 @@ class SegmentService:
         *,
         data: bytes | None,
         image_id: str | None,
-        prompts: Sequence[str | ExemplarPrompt],
+        prompts: Sequence[str | Prompt],
         options: SegmentOptions,
         mask_format: str,
         namespace: str = "",
     ) -> Segmented:
         t0 = time.perf_counter()
         # The pipeline's own checks and limits, here in the event loop: a bad request is refused
-        # before it costs any work.
+        # before it costs any work. Box bounds wait for the image; the job's segment checks them.
         pipeline = self._ready_pipeline()
-        clean = pipeline.check_prompts([p if isinstance(p, str) else p.model_text for p in prompts])
-        exemplars: tuple[ExemplarPrompt, ...] | None = None
-        if any(isinstance(p, ExemplarPrompt) and p.boxes for p in prompts):
-            exemplars = tuple(p if isinstance(p, ExemplarPrompt) else ExemplarPrompt(text=p) for p in prompts)
-            # Everything but the image bounds, which the job checks once the image is known.
-            pipeline.check_exemplars(exemplars, None)
-        options = pipeline.segment_options(options)
+        checked = pipeline.check_prompts(prompts)
+        options = pipeline.check_options(options)
         # Prompts x detections is bounded: each prompt keeps at most max_masks // prompts.
-        share = max(1, self.settings.max_masks // len(clean))
+        share = max(1, self.settings.max_masks // len(checked))
         if options.max_detections is None or options.max_detections > share:
             options = replace(options, max_detections=share)
-        if data is not None:
-            self.check_image_size(data)
-        encoded = await self._encode(namespace, data, image_id, prompts=clean, options=options, exemplars=exemplars)
+        encoded = await self._encode(pipeline, namespace, data, image_id, prompts=checked, options=options)
         result = encoded.result
         assert result is not None
         t_post = time.perf_counter()
         document = await self.cpu.run(
             lambda: result_document(result.image_size, result.results, mask_format=mask_format)
         )
-        timings = dict(encoded.timings)
-        timings["postprocess"] += (time.perf_counter() - t_post) * 1e3
+        timings = encoded.timings
+        timings["postprocess"] += (time.perf_counter() - t_post) * 1e3  # the masks, encoded here
         timings["total"] = (time.perf_counter() - t0) * 1e3
-        for stage, ms in timings.items():
+        response = response_timings(timings)
+        for stage, ms in response.items():
             self.metrics.observe_stage(stage, ms / 1e3)
         return Segmented(
             image_id=encoded.image_id,
             image_size=encoded.embedding.image_size,
             cache_hit=encoded.image_hit,
             document=document,
-            timings_ms={stage: round(float(timings.get(stage, 0.0)), 3) for stage in RESPONSE_STAGES},
+            timings_ms=response,
             model=self.model_identity(),
         )
 
@@ -231,7 +222,7 @@ class SegmentService:
         """The dtype embeddings are stored in (see Settings.cache_dtype)."""
         if self.settings.cache_dtype != "auto":
             return self.settings.cache_dtype
-        return "float16" if self.model_identity().precision == "fp16" else "float32"
+        return embedding_dtype(self.model_identity().precision)
 
     def _cacheable(self, embedding: ImageEmbedding) -> ImageEmbedding:
         """The embedding as cached. Every request, the first included, decodes from this form,
@@ -244,45 +235,40 @@ class SegmentService:
     # -- internals ---------------------------------------------------------------------------
     async def _encode(
         self,
+        pipeline: Sam3Pipeline,
         namespace: str,
         data: bytes | None,
         image_id: str | None,
         *,
-        prompts: Prompts | None,
+        prompts: CheckedPrompts | None,
         options: SegmentOptions | None,
-        exemplars: tuple[ExemplarPrompt, ...] | None = None,
     ) -> _Encoded:
-        # Readiness first: hashing or decoding for a server that cannot run is wasted work.
-        if self.pipeline is None or self.worker.state != "ready":
-            raise NotReady(f"inference engines are not ready (state: {self.worker.state})")
         if data is not None:
             image_id = await self.cpu.run(self.ids.of, namespace, data)
         assert image_id is not None
-        key = self.image_key(namespace, image_id)
+        key: ImageKey = (namespace, image_id, pipeline.encoder_key)
         if data is not None and key not in self.image_cache:
-            encoded = await self._run_decoded(key, data, prompts, options, exemplars)
+            encoded = await self._run_decoded(pipeline, key, data, prompts, options)
         else:
             try:
-                encoded = await self._run(
-                    self._job(key, None, prompts, options, exemplars, from_bytes=data is not None))
+                encoded = await self._run(self._job(key, None, prompts, options, from_bytes=data is not None))
             except _Evicted:  # cached when looked up, gone when the job ran: decode after all
                 assert data is not None
-                encoded = await self._run_decoded(key, data, prompts, options, exemplars)
+                encoded = await self._run_decoded(pipeline, key, data, prompts, options)
         encoded.image_id = image_id
         return encoded
 
     async def _run_decoded(
-        self, key: ImageKey, data: bytes, prompts: Prompts | None, options: SegmentOptions | None,
-        exemplars: tuple[ExemplarPrompt, ...] | None = None,
+        self, pipeline: Sam3Pipeline, key: ImageKey, data: bytes, prompts: CheckedPrompts | None,
+        options: SegmentOptions | None,
     ) -> _Encoded:
         """Decode under a decode slot, held until the job that encodes the image has run."""
-        pipeline = self._ready_pipeline()
         async with self.cpu.slots:
             self.decoding += 1
             self.decoding_peak = max(self.decoding_peak, self.decoding)
             try:
                 loaded = await self.cpu.run(lambda: pipeline.load_image(data, image_id=key[1]))
-                job = self._job(key, loaded, prompts, options, exemplars, from_bytes=True)
+                job = self._job(key, loaded, prompts, options, from_bytes=True)
                 del loaded  # the job holds the pixels now, and drops them once encoded
                 return await self._run(job)
             finally:
@@ -298,9 +284,8 @@ class SegmentService:
         self,
         key: ImageKey,
         loaded: LoadedImage | None,
-        prompts: Prompts | None,
+        prompts: CheckedPrompts | None,
         options: SegmentOptions | None,
-        exemplars: tuple[ExemplarPrompt, ...] | None,
         from_bytes: bool,
     ) -> Callable[[Sam3Pipeline], _Encoded]:
         image_cache, text_cache = self.image_cache, self.text_cache
@@ -319,22 +304,15 @@ class SegmentService:
                         raise _Evicted()
                     raise ImageNotCached(f"image {key[1]} is not cached; send the image again")
                 embedding, hit = cached, True
-            timings = {"image_encoder": 0.0 if hit else sum(embedding.timings_ms.values())}
+            image_timings = {} if hit else embedding.timings_ms  # encoded by this request, or not
             if prompts is None or options is None:
-                return _Encoded(embedding, hit, None, timings)
+                return _Encoded(embedding, hit, None, add_timings(image_timings))
             # Cached per prompt text; a box-only prompt's text is "visual".
-            text = _text_embedding(pipeline, text_cache, prompts)
+            text = _text_embedding(pipeline, text_cache, prompts.texts)
             # Given both embeddings, segment runs only the (geometry encoder and) decoder and
             # postprocessing; the boxes are checked against this image's size there.
-            if exemplars is None:
-                result = pipeline.segment(embedding, text, options)
-            else:
-                result = pipeline.segment_exemplars(embedding, exemplars, options, text=text)
-            timings["text_encoder"] = sum(text.timings_ms.values())
-            timings["geometry_encoder"] = result.timings_ms.get("geometry_encoder", 0.0)
-            timings["decoder"] = result.timings_ms["decoder"]
-            timings["postprocess"] = result.timings_ms["postprocess"]
-            return _Encoded(embedding, hit, result, timings)
+            result = pipeline.segment(embedding, prompts, options, text=text)
+            return _Encoded(embedding, hit, result, add_timings(image_timings, text.timings_ms, result.timings_ms))
 
         return job
 
@@ -355,19 +333,8 @@ def _text_embedding(pipeline: Sam3Pipeline, cache: TextCache[TextEmbedding], pro
     timings: dict[str, float] = {}
     if missing:
         fresh = pipeline.encode_text(Prompts(missing))  # a subset of checked prompts
-        timings = dict(fresh.timings_ms)
+        timings = fresh.timings_ms
         for i, prompt in enumerate(missing):
-            row = TextEmbedding(
-                prompts=(prompt,), tensors={k: np.ascontiguousarray(v[i : i + 1]) for k, v in fresh.tensors.items()}
-            )
-            cache.put(prompt, row)
-            found[prompt] = row
-    rows = [found[p] for p in prompts]
-    if len(rows) == 1:
-        return replace(rows[0], timings_ms=timings)
-    names = rows[0].tensors.keys()
-    return TextEmbedding(
-        prompts=tuple(prompts),
-        tensors={k: np.concatenate([r.tensors[k] for r in rows], axis=0) for k in names},
-        timings_ms=timings,
-    )
+            found[prompt] = fresh.row(i)
+            cache.put(prompt, found[prompt])
+    return TextEmbedding.stack([found[p] for p in prompts], timings)

@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engines.factory import BACKEND_KINDS, PLAN_PRECISIONS
 from engines.options import DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_PROMPTS
-
-Backend = Literal["auto", "tensorrt", "onnxruntime", "triton"]
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -37,11 +36,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAM3_", extra="ignore", frozen=True)
 
     bundle: Path | None = Field(None, description="Bundle directory (manifest.json + ONNX graphs).")
-    backend: Backend = Field("auto", description="Inference backend.")
+    backend: str = Field("auto", description="Inference backend.", json_schema_extra={"enum": list(BACKEND_KINDS)})
     engines_dir: Path | None = Field(
         None, description="Where TensorRT plans live (default <bundle>/engines; the container uses a volume)."
     )
-    precision: Literal["fp16", "fp32"] = Field("fp16", description="TensorRT plan precision to build/load.")
+    precision: str = Field(PLAN_PRECISIONS[0], description="TensorRT plan precision to build/load.",
+                           json_schema_extra={"enum": list(PLAN_PRECISIONS)})
     # --backend triton: the three parts run on a Triton Inference Server (engines/triton.py);
     # the embedding cache, limits and API stay here. docs/triton.md.
     triton_url: str | None = Field(None, description="gRPC host:port of the Triton server (backend triton).")
@@ -123,6 +123,16 @@ class Settings(BaseSettings):
         if self.backend == "triton" and not self.triton_url:
             raise ValueError("backend triton needs triton_url (--triton-url host:port, SAM3_TRITON_URL)")
         return self
+
+    @field_validator("backend", "precision")
+    @classmethod
+    def _one_of_the_runtime_names(cls, value: str, info: ValidationInfo) -> str:
+        # The names are engines.factory's table, so the server, python -m engines and the
+        # container entrypoint accept the same words.
+        allowed = BACKEND_KINDS if info.field_name == "backend" else PLAN_PRECISIONS
+        if value not in allowed:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
 
     @field_validator("api_key", mode="before")
     @classmethod

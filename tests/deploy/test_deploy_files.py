@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
@@ -194,10 +193,14 @@ def test_entrypoint_defaults_and_choices_match_settings():
     fields = settings_class().model_fields
     assert entrypoint.DEFAULT_PORT == fields["port"].default
     assert entrypoint.DEFAULT_HOST == fields["host"].default
-    assert set(entrypoint.BACKENDS) == set(typing.get_args(fields["backend"].annotation))
-    assert fields["backend"].default == "auto"
-    assert set(entrypoint.PRECISIONS) == set(typing.get_args(fields["precision"].annotation))
-    assert fields["precision"].default == "fp16"
+    assert fields["backend"].default == "auto" and fields["precision"].default == "fp16"
+    # The entrypoint and the settings accept the same words: each of the entrypoint's, no other.
+    for name, words in (("backend", entrypoint.BACKENDS), ("precision", entrypoint.PRECISIONS)):
+        assert fields[name].json_schema_extra == {"enum": list(words)}
+        for word in words:
+            assert getattr(settings_class()(**{name: word, "triton_url": "localhost:8001"}), name) == word
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            settings_class()(**{name: "cuda"})
 
 
 def settings_from(env: dict[str, str], monkeypatch):

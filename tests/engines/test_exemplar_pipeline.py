@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engines.options import SegmentOptions
 from engines.bundle import TensorNames as T
 from engines.errors import ExemplarsUnsupported, InvalidBox
 from engines.pipeline import Sam3Pipeline
-from engines.types import ExemplarBox, ExemplarPrompt
+from engines.types import ExemplarBox, Prompt
 
 torch = pytest.importorskip("torch")
 v2 = pytest.importorskip("torchvision.transforms.v2")
@@ -27,13 +28,13 @@ SCORE_THRESHOLD = 0.2
 WIDTH, HEIGHT = 160, 120
 
 PROMPTS = {
-    "one_positive": ExemplarPrompt(boxes=(ExemplarBox((20, 30, 70, 90)),)),
-    "three_positive": ExemplarPrompt(boxes=(ExemplarBox((10, 10, 40, 40)), ExemplarBox((60, 20, 150, 100)),
+    "one_positive": Prompt(boxes=(ExemplarBox((20, 30, 70, 90)),)),
+    "three_positive": Prompt(boxes=(ExemplarBox((10, 10, 40, 40)), ExemplarBox((60, 20, 150, 100)),
                                             ExemplarBox((0, 0, 160, 120)))),
-    "positive_and_negative": ExemplarPrompt(boxes=(ExemplarBox((20, 30, 70, 90)),
+    "positive_and_negative": Prompt(boxes=(ExemplarBox((20, 30, 70, 90)),
                                                    ExemplarBox((100, 60, 140, 110), positive=False))),
-    "text_and_box": ExemplarPrompt(text="a red car", boxes=(ExemplarBox((20, 30, 70, 90)),)),
-    "text_and_negative": ExemplarPrompt(text="a red car", boxes=(ExemplarBox((5, 5, 25, 30), positive=False),)),
+    "text_and_box": Prompt(text="a red car", boxes=(ExemplarBox((20, 30, 70, 90)),)),
+    "text_and_negative": Prompt(text="a red car", boxes=(ExemplarBox((5, 5, 25, 30), positive=False),)),
 }
 
 
@@ -45,7 +46,7 @@ def _image() -> bytes:
     return buffer.getvalue()
 
 
-def _reference(model, tokenizer, prompt: ExemplarPrompt, size: int):
+def _reference(model, tokenizer, prompt: Prompt, size: int):
     from export.split import reference_forward
 
     image = Image.open(io.BytesIO(_image())).convert("RGB")
@@ -76,7 +77,7 @@ def test_pipeline_exemplars_equal_reference(pipeline, tiny_model) -> None:
     from engines.tokenizer import PromptTokenizer
 
     tokenizer = PromptTokenizer.from_bundle(pipeline.bundle)
-    result = pipeline.segment_exemplars(_image(), list(PROMPTS.values()), score_threshold=SCORE_THRESHOLD)
+    result = pipeline.segment(_image(), list(PROMPTS.values()), SegmentOptions(score_threshold=SCORE_THRESHOLD))
     assert [r.prompt for r in result.results] == ["visual"] * 3 + ["a red car"] * 2
     compared = 0
     for name, prompt_result in zip(PROMPTS, result.results, strict=True):
@@ -94,20 +95,31 @@ def test_pipeline_exemplars_equal_reference(pipeline, tiny_model) -> None:
 
 def test_new_box_on_cached_image_runs_only_geometry_encoder_and_decoder(pipeline) -> None:
     image = pipeline.encode_image(_image())
-    pipeline.segment_exemplars(image, [PROMPTS["one_positive"]])  # the first box-only prompt encodes "visual"
+    pipeline.segment(image, [PROMPTS["one_positive"]])  # the first box-only prompt encodes "visual"
     before = dict(pipeline.stage_calls)
-    result = pipeline.segment_exemplars(image, [PROMPTS["positive_and_negative"]])
+    result = pipeline.segment(image, [PROMPTS["positive_and_negative"]])
     ran = {stage: pipeline.stage_calls[stage] - before.get(stage, 0) for stage in pipeline.stage_calls}
     assert {k: v for k, v in ran.items() if v} == {"geometry_encoder": 1, "decoder": 1}
     assert result.cache_hit and result.timings_ms["image_encoder"] == 0 and result.timings_ms["text_encoder"] == 0
     assert result.timings_ms["geometry_encoder"] > 0
 
 
-def test_prompts_without_boxes_take_the_text_path(pipeline) -> None:
+def test_one_call_mixes_text_and_box_prompts(pipeline) -> None:
+    """Text-only prompts take the text path (no geometry graph), boxed ones the exemplar path,
+    in one call, answered in the call's order; each equals the same prompt asked alone."""
     image = pipeline.encode_image(_image())
-    via_exemplars = pipeline.segment_exemplars(image, [ExemplarPrompt(text="a red car")], score_threshold=0.0)
-    via_text = pipeline.segment(image, ["a red car"], score_threshold=0.0)
-    assert [d.score for d in via_exemplars.results[0].detections] == [d.score for d in via_text.results[0].detections]
+    options = SegmentOptions(score_threshold=0.0, max_detections=5)
+    boxed = PROMPTS["one_positive"]
+    before = dict(pipeline.stage_calls)
+    mixed = pipeline.segment(image, ["a red car", boxed, Prompt(text="a cat")], options)
+    ran = {stage: pipeline.stage_calls[stage] - before.get(stage, 0) for stage in pipeline.stage_calls}
+    assert {k: v for k, v in ran.items() if v} == {"text_encoder": 1, "geometry_encoder": 1, "decoder": 2}
+    assert [r.prompt for r in mixed.results] == ["a red car", "visual", "a cat"]
+    text_alone = pipeline.segment(image, ["a red car", "a cat"], options).results
+    box_alone = pipeline.segment(image, [boxed], options).results
+    for got, expected in zip(mixed.results, [text_alone[0], box_alone[0], text_alone[1]], strict=True):
+        assert [d.score for d in got.detections] == pytest.approx([d.score for d in expected.detections], abs=1e-5)
+        np.testing.assert_allclose([d.box for d in got.detections], [d.box for d in expected.detections], atol=1e-3)
 
 
 @pytest.mark.parametrize("boxes, text, message", [
@@ -119,17 +131,29 @@ def test_prompts_without_boxes_take_the_text_path(pipeline) -> None:
     (((float("nan"), 10, 20, 30),), None, "finite"),
 ])
 def test_refused_boxes(pipeline, boxes, text, message) -> None:
-    prompt = ExemplarPrompt(text=text, boxes=tuple(ExemplarBox(b) for b in boxes))
+    prompt = Prompt(text=text, boxes=tuple(ExemplarBox(b) for b in boxes))
     with pytest.raises(InvalidBox, match=message):
-        pipeline.check_exemplars([prompt], pipeline.load_image(_image()).size)
+        pipeline.check_prompts([prompt], pipeline.load_image(_image()).size)
 
 
 def test_negative_only_needs_text(pipeline) -> None:
     negative = (ExemplarBox((10, 10, 50, 50), positive=False),)
     size = pipeline.load_image(_image()).size
     with pytest.raises(InvalidBox, match="negative boxes need"):
-        pipeline.check_exemplars([ExemplarPrompt(boxes=negative)], size)
-    pipeline.check_exemplars([ExemplarPrompt(text="a cat", boxes=negative)], size)
+        pipeline.check_prompts([Prompt(boxes=negative)], size)
+    pipeline.check_prompts([Prompt(text="a cat", boxes=negative)], size)
+
+
+def test_box_bounds_are_checked_once_the_image_is_known(pipeline) -> None:
+    """A caller that checks before decoding (the server) gets every check but the bounds; the
+    bounds are checked by segment against the image, and nothing else again."""
+    outside = Prompt(boxes=(ExemplarBox((10, 10, 20, WIDTH + 5)),))
+    checked = pipeline.check_prompts([outside])
+    assert checked.image_size is None and checked.texts == ("visual",)
+    runs = pipeline.stage_calls["image_encoder"]
+    with pytest.raises(InvalidBox, match="outside"):
+        pipeline.segment(pipeline.load_image(_image()), checked)
+    assert pipeline.stage_calls["image_encoder"] == runs  # refused before the encoder ran
 
 
 def test_bundle_without_exemplar_graphs_refuses_boxes(tiny_bundle, tmp_path) -> None:
@@ -139,8 +163,8 @@ def test_bundle_without_exemplar_graphs_refuses_boxes(tiny_bundle, tmp_path) -> 
     with Sam3Pipeline.from_bundle(old, backend="onnxruntime") as pipe:
         assert pipe.describe()["exemplars"]["max_boxes"] == 0
         with pytest.raises(ExemplarsUnsupported, match="no exemplar graphs"):
-            pipe.segment_exemplars(_image(), [PROMPTS["one_positive"]])
-        assert pipe.segment_exemplars(_image(), [ExemplarPrompt(text="a cat")]).results
+            pipe.segment(_image(), [PROMPTS["one_positive"]])
+        assert pipe.segment(_image(), [Prompt(text="a cat")]).results
 
 
 def test_tensorrt_plans_and_profiles_for_the_exemplar_graphs(tiny_bundle, tmp_path) -> None:

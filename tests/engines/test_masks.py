@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from engines.options import SegmentOptions
 from engines.masks import DenseMask, LowResMask, _taps
 from engines.postprocess import postprocess, result_document
 from engines.types import PromptResult
@@ -96,7 +97,7 @@ def test_a_request_holds_low_resolution_masks_only() -> None:
     tracemalloc.start()
     try:
         dets = postprocess(masks.astype(np.float32), boxes, np.full(queries, 5.0, np.float32), 5.0, size,
-                           score_threshold=0.0)
+                           SegmentOptions(score_threshold=0.0))
         held, _ = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         doc = result_document(size[::-1], [PromptResult("p", dets[:12])], "rle")
@@ -114,7 +115,7 @@ def test_raster_formats_hold_one_mask_at_a_time(fmt: str) -> None:
     size = (3000, 4000)
     dets = postprocess(np.stack([_probs(rng, 32, 32, True) * 8 - 4 for _ in range(6)]).astype(np.float32),
                        np.full((6, 4), 0.5, np.float32), np.full(6, 5.0, np.float32), 5.0, size,
-                       score_threshold=0.0)
+                       SegmentOptions(score_threshold=0.0))
     tracemalloc.start()
     try:
         result_document(size[::-1], [PromptResult("p", dets)], fmt)

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from engines.options import SegmentOptions
 from engines.errors import (
     ImageTooLarge,
     InvalidImage,
@@ -84,9 +85,10 @@ def test_runtime_never_imports_torch(tiny_bundle: Path) -> None:
 import sys
 import numpy as np
 import engines.tensorrt, engines.tensorrt_build, engines.onnxruntime, engines.__main__
+from engines.options import SegmentOptions
 from engines.pipeline import Sam3Pipeline
 pipe = Sam3Pipeline.from_bundle({str(tiny_bundle)!r}, "auto")
-result = pipe.segment(np.zeros((64, 80, 3), np.uint8) + 127, ["a cat", "a dog"], score_threshold=0.0)
+result = pipe.segment(np.zeros((64, 80, 3), np.uint8) + 127, ["a cat", "a dog"], SegmentOptions(score_threshold=0.0))
 assert len(result.results) == 2
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "transformers", "export"))
 print("LEAKED", leaked)
@@ -102,16 +104,21 @@ sys.exit(1 if leaked else 0)
 # ------------------------------------------------------------------ batching
 
 
+def _decode(pipeline: Sam3Pipeline, image_emb: ImageEmbedding, text_emb, options: SegmentOptions | None = None):
+    """The decoder alone: both embeddings given, as the server calls segment after its caches."""
+    return pipeline.segment(image_emb, list(text_emb.prompts), options, text=text_emb).results
+
+
 def test_batched_decode_equals_per_prompt_decode(pipeline: Sam3Pipeline) -> None:
     image_emb = pipeline.encode_image(_photo())
     text_emb = pipeline.encode_text(PROMPTS)
     before = pipeline.stage_calls["decoder"]
-    batched = pipeline.decode(image_emb, text_emb, score_threshold=0.0)
+    batched = _decode(pipeline, image_emb, text_emb, SegmentOptions(score_threshold=0.0))
     assert pipeline.stage_calls["decoder"] == before + 1  # four prompts, one decoder run
     assert [r.prompt for r in batched] == PROMPTS
     assert all(len(r.detections) == pipeline.manifest.model.num_queries for r in batched)
     for prompt, result in zip(PROMPTS, batched):
-        single = pipeline.decode(image_emb, pipeline.encode_text([prompt]), score_threshold=0.0)
+        single = _decode(pipeline, image_emb, pipeline.encode_text([prompt]), SegmentOptions(score_threshold=0.0))
         _same_detections(result.detections, single[0].detections)
     # the prompts differ, so equality above is not the trivial "every row is the same"
     assert batched[0].detections[0].score != pytest.approx(batched[1].detections[0].score, abs=1e-6)
@@ -122,9 +129,9 @@ def test_prompts_beyond_max_batch_are_chunked(pipeline: Sam3Pipeline) -> None:
     prompts = [f"object number {i}" for i in range(max_batch + 2)]
     image_emb = pipeline.encode_image(_photo())
     before = pipeline.stage_calls["decoder"]
-    results = pipeline.decode(image_emb, pipeline.encode_text(prompts), score_threshold=0.0)
+    results = _decode(pipeline, image_emb, pipeline.encode_text(prompts), SegmentOptions(score_threshold=0.0))
     assert pipeline.stage_calls["decoder"] == before + 2
-    last = pipeline.decode(image_emb, pipeline.encode_text(prompts[-1:]), score_threshold=0.0)
+    last = _decode(pipeline, image_emb, pipeline.encode_text(prompts[-1:]), SegmentOptions(score_threshold=0.0))
     _same_detections(results[-1].detections, last[0].detections)
 
 
@@ -134,8 +141,8 @@ def test_fp16_cached_embedding_decodes_like_fp32(pipeline: Sam3Pipeline) -> None
         image_emb, tensors={k: v.astype(np.float16) for k, v in image_emb.tensors.items()}
     )
     text_emb = pipeline.encode_text(PROMPTS[:2])
-    full = pipeline.decode(image_emb, text_emb, score_threshold=0.0, with_masks=False)
-    cached = pipeline.decode(half, text_emb, score_threshold=0.0, with_masks=False)
+    full = _decode(pipeline, image_emb, text_emb, SegmentOptions(score_threshold=0.0, with_masks=False))
+    cached = _decode(pipeline, half, text_emb, SegmentOptions(score_threshold=0.0, with_masks=False))
     for a, b in zip(full, cached):
         assert sorted(d.score for d in a.detections) == pytest.approx(
             sorted(d.score for d in b.detections), abs=1e-2
@@ -146,7 +153,7 @@ def test_fp16_cached_embedding_decodes_like_fp32(pipeline: Sam3Pipeline) -> None
 
 
 def test_segment_reports_stages_and_counts_encoder_runs(pipeline: Sam3Pipeline, photo_file: Path) -> None:
-    result = pipeline.segment(photo_file, PROMPTS[:2], score_threshold=0.0, max_detections=3)
+    result = pipeline.segment(photo_file, PROMPTS[:2], SegmentOptions(score_threshold=0.0, max_detections=3))
     assert result.image_size == (160, 120)
     assert set(result.timings_ms) == {*STAGES, "total"}
     assert result.timings_ms["total"] >= result.timings_ms["image_encoder"] > 0
@@ -160,7 +167,7 @@ def test_segment_reports_stages_and_counts_encoder_runs(pipeline: Sam3Pipeline, 
     embedding = pipeline.encode_image(photo_file)
     assert embedding.encoder_key == pipeline.manifest.part("image_encoder").weights_sha256
     image_runs = pipeline.stage_calls["image_encoder"]
-    cached = pipeline.segment(embedding, PROMPTS[:2], score_threshold=0.0, max_detections=3)
+    cached = pipeline.segment(embedding, PROMPTS[:2], SegmentOptions(score_threshold=0.0, max_detections=3))
     assert pipeline.stage_calls["image_encoder"] == image_runs  # cache hit: no encoder run
     assert cached.cache_hit and cached.timings_ms["image_encoder"] == 0.0
     _same_detections(cached.results[0].detections, result.results[0].detections)
@@ -170,7 +177,7 @@ def test_embedding_from_another_encoder_is_refused(pipeline: Sam3Pipeline) -> No
     embedding = pipeline.encode_image(_photo())
     foreign = dataclasses.replace(embedding, encoder_key="0" * 64)
     with pytest.raises(InvalidInput, match="different image encoder"):
-        pipeline.decode(foreign, pipeline.encode_text(["a cat"]))
+        _decode(pipeline, foreign, pipeline.encode_text(["a cat"]))
     assert isinstance(embedding, ImageEmbedding)
 
 
@@ -214,7 +221,7 @@ def test_bad_images_are_typed_errors(pipeline: Sam3Pipeline, image, error) -> No
 
 def test_one_pixel_image_segments(pipeline: Sam3Pipeline) -> None:
     result = pipeline.segment(
-        np.full((1, 1, 3), 200, np.uint8), ["a cat"], score_threshold=0.0, max_detections=1
+        np.full((1, 1, 3), 200, np.uint8), ["a cat"], SegmentOptions(score_threshold=0.0, max_detections=1)
     )
     assert result.image_size == (1, 1) and result.results[0].detections[0].mask.shape == (1, 1)
 
@@ -225,7 +232,7 @@ def test_one_pixel_image_segments(pipeline: Sam3Pipeline) -> None:
 )
 def test_bad_options_are_typed_errors(pipeline: Sam3Pipeline, options: dict) -> None:
     with pytest.raises(InvalidOption):
-        pipeline.segment(_photo(), ["a cat"], **options)
+        pipeline.segment(_photo(), ["a cat"], SegmentOptions(**options))
 
 
 # ------------------------------------------------------------------ the CLI

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from engines.options import SegmentOptions
 from engines.errors import InvalidOption
 from engines.postprocess import decode_mask, encode_mask, postprocess, result_document
 from engines.types import Detection, PromptResult
@@ -66,7 +67,7 @@ def test_equals_transformers(seed: int, size: tuple[int, int], threshold: float)
     ref_scores, ref_boxes, ref_masks = _reference(out, size, threshold, 0.5)
     dets = postprocess(
         out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], size,
-        score_threshold=threshold,
+        SegmentOptions(score_threshold=threshold),
     )
     assert len(dets) == len(ref_scores) > 0
     scores = np.asarray([d.score for d in dets])
@@ -81,17 +82,17 @@ def test_equals_transformers(seed: int, size: tuple[int, int], threshold: float)
 def test_topk_before_resize_and_no_masks() -> None:
     out = _outputs(5)
     size = (300, 400)
-    full = postprocess(out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], size, score_threshold=0.1)
+    full = postprocess(out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], size, SegmentOptions(score_threshold=0.1))
     top3 = postprocess(
         out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], size,
-        score_threshold=0.1, max_detections=3,
+        SegmentOptions(score_threshold=0.1, max_detections=3),
     )
     assert len(full) > 3 and len(top3) == 3
     for a, b in zip(full[:3], top3):
         assert a.score == b.score and a.box == b.box and np.array_equal(a.mask, b.mask)
     bare = postprocess(
         out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], size,
-        score_threshold=0.1, with_masks=False,
+        SegmentOptions(score_threshold=0.1, with_masks=False),
     )
     assert [d.score for d in bare] == [d.score for d in full] and all(d.mask is None for d in bare)
 
@@ -105,7 +106,7 @@ def test_only_kept_masks_are_kept_at_low_resolution(monkeypatch: pytest.MonkeyPa
     out = _outputs(6)
     dets = postprocess(
         out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], (5000, 5000),
-        score_threshold=0.0, max_detections=2,
+        SegmentOptions(score_threshold=0.0, max_detections=2),
     )
     assert len(dets) == 2 and not drawn  # nothing drawn at full resolution yet
     for det in dets:
@@ -127,7 +128,7 @@ def test_presence_scalar_and_nothing_kept() -> None:
 def test_bad_options(kwargs) -> None:
     out = _outputs(8)
     with pytest.raises(InvalidOption):
-        postprocess(out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], (10, 10), **kwargs)
+        postprocess(out["pred_masks"], out["pred_boxes"], out["pred_logits"], out["presence"], (10, 10), SegmentOptions(**kwargs))
 
 
 def _blob_mask(h: int = 120, w: int = 90) -> np.ndarray:

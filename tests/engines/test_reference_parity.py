@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from engines.options import SegmentOptions
 from engines.bundle import TensorNames as T
 from engines.pipeline import Sam3Pipeline
 from engines.tokenizer import PromptTokenizer
@@ -104,7 +105,7 @@ def test_pipeline_equals_reference(pipeline, tiny_model, name: str, prompts: lis
     tokenizer = PromptTokenizer.from_bundle(pipeline.bundle)
     expected, size = _reference(tiny_model, data, prompts, tokenizer, pipeline.bundle.manifest.model.image_size)
     calls_before = pipeline.stage_calls["decoder"]
-    result = pipeline.segment(data, prompts, score_threshold=SCORE_THRESHOLD)
+    result = pipeline.segment(data, prompts, SegmentOptions(score_threshold=SCORE_THRESHOLD))
     assert pipeline.stage_calls["decoder"] == calls_before + 1  # all prompts in one decoder call
     assert result.image_size == size
     compared = 0

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from deploy.triton.local import parse_metric
+from engines.options import SegmentOptions
 from engines.bundle import Bundle
 from engines.errors import BackendUnavailable, BundleError
 from engines.pipeline import Sam3Pipeline
@@ -49,8 +50,8 @@ def test_triton_backend_gives_the_local_documents(tiny_bundle, local_triton, loc
         assert remote.backend.describe()["triton"] == "2.51.0"
         for seed in (0, 1):
             image = png_bytes(seed=seed)
-            here = local_pipeline.segment(image, PROMPTS, **OPTIONS)
-            there = remote.segment(image, PROMPTS, **OPTIONS)
+            here = local_pipeline.segment(image, PROMPTS, SegmentOptions(**OPTIONS))
+            there = remote.segment(image, PROMPTS, SegmentOptions(**OPTIONS))
             assert sum(len(r.detections) for r in there.results) > 0
             assert document(there) == document(here)  # same graphs, same inputs: bit-identical
         # N prompts within the decoder's batch are ONE remote decoder call, as locally.
@@ -75,7 +76,7 @@ def infer_request_model(url: str, image: bytes | None, body: dict):
 
 def test_whole_request_model_answers_a_plain_triton_client(local_triton, local_pipeline):
     image = png_bytes(seed=2)
-    expected = document(local_pipeline.segment(image, PROMPTS, **OPTIONS))
+    expected = document(local_pipeline.segment(image, PROMPTS, SegmentOptions(**OPTIONS)))
     cold = infer_request_model(local_triton.grpc_url, image, {"prompts": PROMPTS, **OPTIONS})
     assert cold["results"] == expected["results"] and cold["image_size"] == expected["image_size"]
     assert cold["cache_hit"] is False and cold["model"]["backend"] == "triton"
@@ -91,6 +92,10 @@ def test_whole_request_model_answers_a_plain_triton_client(local_triton, local_p
     ({"prompts": ["a"], "score_threshold": 2}, "invalid_option"),
     ({"prompts": ["a"], "colour": "red"}, "invalid_input"),
     ({"image_id": "0" * 64, "prompts": ["a"]}, "image_not_cached"),
+    ({"prompts": "a cat"}, "invalid_input"),
+    ({"prompts": ["a"], "max_detections": 10_000}, "invalid_option"),
+    # the repository serves the text path only: a box prompt is refused by name, before any work
+    ({"prompts": [{"boxes": [[1, 1, 20, 20]]}]}, "exemplars_unsupported"),
 ])
 def test_whole_request_model_refuses_bad_input_by_name(local_triton, body, code):
     image = png_bytes(seed=3) if "image_id" not in body else None

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 
+from engines.options import SegmentOptions
 from engines.bundle import TensorNames as T
 from export.split import reference_forward, roi_pool, split_model
 from export.verify import mask_iou
@@ -189,5 +190,5 @@ def test_bundle_without_exemplar_graphs_loads_and_serves_text(tiny_bundle, tmp_p
     assert manifest.max_boxes == 0 and manifest.capabilities["exemplar_boxes"] is False
     image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     with Sam3Pipeline.from_bundle(old, backend="onnxruntime") as pipe:
-        result = pipe.segment(image, ["a cat"], score_threshold=0.0)
+        result = pipe.segment(image, ["a cat"], SegmentOptions(score_threshold=0.0))
     assert len(result.results) == 1

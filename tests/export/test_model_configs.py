@@ -77,7 +77,7 @@ def _segments(bundle: Path, mask_size: tuple[int, int]) -> None:
 
     with Sam3Pipeline.from_bundle(bundle, "onnxruntime") as pipe:
         assert pipe.manifest.model.mask_size == mask_size
-        result = pipe.segment(np.full((90, 120, 3), 127, np.uint8), ["a cat", "a dog"], score_threshold=0.0)
+        result = pipe.segment(np.full((90, 120, 3), 127, np.uint8), ["a cat", "a dog"], SegmentOptions(score_threshold=0.0))
     assert [len(r.detections) for r in result.results] == [5, 5]
     assert result.results[0].detections[0].mask.shape == (90, 120)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from engines.options import SegmentOptions
 from engines.bundle import Bundle
 from engines.errors import BackendUnavailable
 from engines.factory import open_backend
@@ -41,7 +42,7 @@ def test_int8_bundle_segments_on_onnxruntime(int8_bundle: Path) -> None:
 
     with Sam3Pipeline.from_bundle(int8_bundle, backend="auto") as pipe:
         assert pipe.backend.kind == "onnxruntime"
-        result = pipe.segment(data.astronaut(), ["person", "a red car"], score_threshold=0.0, max_detections=3)
+        result = pipe.segment(data.astronaut(), ["person", "a red car"], SegmentOptions(score_threshold=0.0, max_detections=3))
     assert [len(r.detections) for r in result.results] == [3, 3]
 
 

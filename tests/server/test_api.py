@@ -13,8 +13,10 @@ import httpx
 import numpy as np
 import pytest
 
+from engines.options import SegmentOptions
 from engines.pipeline import Sam3Pipeline
 from engines.postprocess import decode_mask, result_document
+from engines.types import STAGES
 from tests.server.conftest import ServerProcess, image_bytes
 
 # uvicorn re-raises SIGTERM after its graceful shutdown, so a clean stop exits by that signal.
@@ -39,7 +41,7 @@ def test_segment_equals_pipeline_segment(client: httpx.Client, server_bundle) ->
     body = response.json()
 
     with Sam3Pipeline.from_bundle(server_bundle, "onnxruntime") as pipeline:
-        expected = pipeline.segment(data, prompts, **OPTIONS)
+        expected = pipeline.segment(data, prompts, SegmentOptions(**OPTIONS))
     doc = result_document(expected.image_size, expected.results, "rle")
 
     # The id is keyed (server secret + namespace): 64 hex digits, not the bytes' plain sha256.
@@ -55,7 +57,7 @@ def test_segment_equals_pipeline_segment(client: httpx.Client, server_bundle) ->
             assert g["mask"]["size"] == [120, 160]
             a, b = decode_mask(g["mask"]), decode_mask(w["mask"])
             assert (a != b).mean() < 1e-3
-    assert set(body["timings_ms"]) == {"queue", "image_encoder", "text_encoder", "geometry_encoder", "decoder", "postprocess", "total"}
+    assert set(body["timings_ms"]) == {"queue", *STAGES, "total"}
     assert body["model"] == {"name": "sam3-tiny", "backend": "onnxruntime", "precision": "fp32"}
     assert body["cache_hit"] is False
 

@@ -180,7 +180,7 @@ def _scene_where_one_box_finds_the_twin(shapes_bundle):
     at the default threshold. The model's hit rate is the accuracy benchmark's business
     (benchmarks/results/accuracy-exemplars.md); this test checks that the page gets that answer."""
     from engines.pipeline import Sam3Pipeline
-    from engines.types import ExemplarBox, ExemplarPrompt
+    from engines.types import ExemplarBox, Prompt
     from scenes.generator import generate_scene
 
     with Sam3Pipeline.from_bundle(shapes_bundle, backend="onnxruntime") as pipe:
@@ -189,7 +189,7 @@ def _scene_where_one_box_finds_the_twin(shapes_bundle):
             twins = [o for o in scene.objects if o.category == "red circle"]
             if len(twins) != 2:
                 continue
-            result = pipe.segment_exemplars(scene.jpeg, [ExemplarPrompt(boxes=(ExemplarBox(twins[0].box),))])
+            result = pipe.segment(scene.jpeg, [Prompt(boxes=(ExemplarBox(twins[0].box),))])
             if any(_box_iou(d.box, twins[1].box) >= 0.5 for d in result.results[0].detections):
                 return scene, twins
     raise AssertionError("no scene where one box on a red circle finds the other one")

@@ -8,8 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engines.options import SegmentOptions
 from engines.pipeline import Sam3Pipeline
-from engines.types import ExemplarBox, ExemplarPrompt
+from engines.types import ExemplarBox, Prompt
 from tests.server.conftest import SERVER_ENV, ServerProcess, image_bytes
 
 WIDTH, HEIGHT = 160, 120
@@ -36,11 +37,11 @@ def test_boxes_with_and_without_text_answer_as_the_pipeline_does(client: httpx.C
     assert [r["prompt"] for r in body["results"]] == ["a cat", "visual", "a dog"]
     assert body["timings_ms"]["geometry_encoder"] > 0
     with Sam3Pipeline.from_bundle(server_bundle, backend="onnxruntime") as pipe:
-        expected = pipe.segment_exemplars(
+        expected = pipe.segment(
             image_bytes(WIDTH, HEIGHT, seed=51),
-            [ExemplarPrompt(text="a cat"), ExemplarPrompt(boxes=(ExemplarBox(tuple(BOX)),)),
-             ExemplarPrompt(text="a dog", boxes=(ExemplarBox(tuple(BOX)), ExemplarBox((100, 10, 150, 60), False)))],
-            score_threshold=0.0, max_detections=3)
+            [Prompt(text="a cat"), Prompt(boxes=(ExemplarBox(tuple(BOX)),)),
+             Prompt(text="a dog", boxes=(ExemplarBox(tuple(BOX)), ExemplarBox((100, 10, 150, 60), False)))],
+            SegmentOptions(score_threshold=0.0, max_detections=3))
     assert _scores(body) == [[round(d.score, 4) for d in r.detections] for r in expected.results]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from engines.types import ImageSize
+from engines.types import STAGES, ImageSize
 from server.app import create_app
 from server.schemas import RESPONSE_STAGES, SegmentResponse, Timings
 from server.service import ModelIdentity, Segmented
@@ -63,5 +63,5 @@ def test_a_body_that_drifts_from_its_model_is_a_500() -> None:
 
 
 def test_every_stage_a_response_reports_is_documented() -> None:
-    assert RESPONSE_STAGES == ("queue", "image_encoder", "text_encoder", "geometry_encoder", "decoder", "postprocess", "total")
+    assert RESPONSE_STAGES == ("queue", *STAGES, "total")
     assert all(Timings.model_fields[stage].description for stage in RESPONSE_STAGES)

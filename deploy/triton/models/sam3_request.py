@@ -9,7 +9,8 @@ batching and placement.
 
 Inputs (KServe v2; JSON travels as UINT8, see sam3_tensors.py for why not BYTES):
     image    UINT8 [-1]  the encoded image file (JPEG/PNG/...); optional with ``image_id``
-    request  UINT8 [-1]  UTF-8 JSON: {"prompts": [...], "score_threshold": 0.5,
+    request  UINT8 [-1]  UTF-8 JSON: {"prompts": [...] (strings, or {"boxes": [[x0, y0, x1, y1]],
+                         "labels": [1], "text": "..."} as the server takes them), "score_threshold": 0.5,
                          "mask_threshold": 0.5, "max_detections": 100, "mask_format": "rle",
                          "image_id": "<sha256 of an image sent before>"}
 Output:
@@ -35,16 +36,19 @@ from sam3_tensors import error_response, input_array, to_numpy, to_tensor
 from engines.backend import MemoryReport, host_rss_bytes, validate_inputs
 from engines.bundle import PART_NAMES, sha256_bytes
 from engines.errors import EngineError, InvalidInput, Sam3Error
+from engines.options import Limits, SegmentOptions
 from engines.pipeline import Sam3Pipeline
 from engines.postprocess import result_document
-from engines.preprocess import decode_image_bytes
 from engines.triton import ManifestView, model_name
+from engines.types import Prompt, add_timings
+
 
 class ImageNotCached(InvalidInput):
     code = "image_not_cached"
 
 
-REQUEST_KEYS = {"prompts", "score_threshold", "mask_threshold", "max_detections", "mask_format", "image_id"}
+OPTION_KEYS = ("score_threshold", "mask_threshold", "max_detections")
+REQUEST_KEYS = {"prompts", "mask_format", "image_id", *OPTION_KEYS}
 
 
 class BlsPart:
@@ -86,6 +90,8 @@ class BlsBackend:
         self.device = "triton (BLS)"
 
     def load(self, part: str) -> BlsPart:
+        if part not in PART_NAMES:  # the repository serves the three text-path parts
+            raise EngineError(f"the Triton repository serves no {part} model")
         spec = self.view.part(part)
         return BlsPart(model_name(self.prefix, part), spec, self.max_batch.get(part, spec.max_batch))
 
@@ -109,14 +115,17 @@ class TritonPythonModel:
         view = ManifestView(here / "bundle")
         backend = BlsBackend(view, prefix, max_batch, parameters.get("sam3_precision", "fp32"))
         self.max_megapixels = float(parameters.get("max_megapixels", "40") or 40)
+        # The request's limits are the pipeline's: it checks prompts, boxes and options once.
         self.pipeline = Sam3Pipeline(
             view,  # type: ignore[arg-type] - the pipeline reads only the manifest and tokenizer
             backend,  # type: ignore[arg-type]
-            max_megapixels=self.max_megapixels,
-            max_prompts=int(parameters.get("max_prompts", "16") or 16),
-            max_prompt_chars=int(parameters.get("max_prompt_chars", "200") or 200),
+            limits=Limits(
+                max_megapixels=self.max_megapixels,
+                max_prompts=int(parameters.get("max_prompts", "16") or 16),
+                max_prompt_chars=int(parameters.get("max_prompt_chars", "200") or 200),
+                max_detections=int(parameters.get("max_detections", "100") or 100),
+            ),
         )
-        self.max_detections = int(parameters.get("max_detections", "100") or 100)
         self.cache_entries = int(parameters.get("embedding_cache_entries", "4") or 0)
         self.cache: OrderedDict = OrderedDict()
         self.model_info = {"name": view.manifest.name, "backend": "triton", "precision": backend.precision}
@@ -140,20 +149,21 @@ class TritonPythonModel:
     def _segment(self, request) -> dict:
         started = time.perf_counter()
         body = _request_json(input_array(request, "request"))
+        mask_format = body.get("mask_format", "rle")
+        options = SegmentOptions(**{k: body[k] for k in OPTION_KEYS if k in body}, with_masks=mask_format != "none")
+        # Checked before any image work, as the server does; box bounds once the image is known.
+        prompts = self.pipeline.check_prompts(_prompts(body.get("prompts", [])))
+        options = self.pipeline.check_options(options)
         image = input_array(request, "image")
         data = b"" if image is None else np.asarray(image, dtype=np.uint8).tobytes()
-        timings = {"image_encoder": 0.0}
+        image_timings: dict = {}  # the image encoder's, when this request ran it
         if data:
             image_id = sha256_bytes(data)
             embedding = self.cache.get(image_id)
+            hit = embedding is not None
             if embedding is None:
-                loaded = decode_image_bytes(data, max_megapixels=self.max_megapixels, image_id=image_id)
-                t = time.perf_counter()
-                embedding = self.pipeline.encode_image(loaded)
-                timings["image_encoder"] = (time.perf_counter() - t) * 1e3
-                hit = False
-            else:
-                hit = True
+                embedding = self.pipeline.encode_image(self.pipeline.load_image(data, image_id=image_id))
+                image_timings = embedding.timings_ms
         else:
             image_id = body.get("image_id")
             if not isinstance(image_id, str) or not image_id:
@@ -163,25 +173,12 @@ class TritonPythonModel:
                 raise ImageNotCached(f"image {image_id} is not cached here; send the image again")
             hit = True
         self._remember(image_id, embedding)
-        mask_format = body.get("mask_format", "rle")
-        max_detections = body.get("max_detections", self.max_detections)
-        if isinstance(max_detections, int) and not isinstance(max_detections, bool) and max_detections > self.max_detections:
-            raise InvalidInput(f"max_detections must be within [1, {self.max_detections}]")
-        result = self.pipeline.segment(
-            embedding,
-            body.get("prompts", []),
-            score_threshold=body.get("score_threshold", 0.5),
-            mask_threshold=body.get("mask_threshold", 0.5),
-            max_detections=max_detections,
-            with_masks=mask_format != "none",
-        )
+        result = self.pipeline.segment(embedding, prompts, options)
         width, height = (int(v) for v in result.image_size)
-        document = {"image_id": image_id, "image_size": {"width": int(width), "height": int(height)}, "cache_hit": hit}
-        rendered = result_document(image_size=(int(width), int(height)), results=result.results,
-                                   mask_format=mask_format)
+        document = {"image_id": image_id, "image_size": {"width": width, "height": height}, "cache_hit": hit}
+        rendered = result_document(image_size=(width, height), results=result.results, mask_format=mask_format)
         document.update({k: v for k, v in rendered.items() if k not in document})
-        stage_ms = dict(result.timings_ms)
-        stage_ms["image_encoder"] = timings["image_encoder"]
+        stage_ms = add_timings(image_timings, result.timings_ms)
         stage_ms["total"] = (time.perf_counter() - started) * 1e3
         document["timings_ms"] = {k: round(float(v), 3) for k, v in stage_ms.items()}
         document["model"] = dict(self.model_info)
@@ -197,6 +194,15 @@ class TritonPythonModel:
 
     def finalize(self):
         self.cache.clear()
+
+
+def _prompts(entries) -> list:
+    """The server's prompt forms: a string, or {"boxes": [[x0, y0, x1, y1]], "labels": [1, 0],
+    "text": "..."} (exemplar boxes, with or without text)."""
+    if not isinstance(entries, list):
+        raise InvalidInput("'prompts' is a list of strings or exemplar objects")
+    return [Prompt.from_wire(entry.get("boxes") or [], entry.get("labels"), entry.get("text"), index)
+            if isinstance(entry, dict) else entry for index, entry in enumerate(entries)]
 
 
 def _request_json(array) -> dict:
