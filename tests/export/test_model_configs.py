@@ -73,6 +73,7 @@ def _export(config, tmp_path: Path) -> tuple[int, Path]:
 
 
 def _segments(bundle: Path, mask_size: tuple[int, int]) -> None:
+    from engines.options import SegmentOptions
     from engines.pipeline import Sam3Pipeline
 
     with Sam3Pipeline.from_bundle(bundle, "onnxruntime") as pipe:
