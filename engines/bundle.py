@@ -213,6 +213,33 @@ class Manifest:
         """What a client may ask of this bundle: text prompts always, exemplar boxes with the graphs."""
         return {"text_prompts": True, "exemplar_boxes": self.max_boxes > 0, "max_boxes": self.max_boxes}
 
+    def summary(self) -> dict[str, Any]:
+        """What a client is told of this bundle (the server's /info): the model, its card, the
+        parts' files and hashes, where it came from and what it can be asked; no parity reports."""
+        model = self.model
+        return {
+            "name": self.name,
+            "card": dict(self.card),
+            "schema_version": self.schema_version,
+            "architecture": model.architecture,
+            "image_size": model.image_size,
+            "patch_size": model.patch_size,
+            "hidden_size": model.hidden_size,
+            "num_queries": model.num_queries,
+            "mask_size": list(model.mask_size),
+            "parameters": dict(model.parameters),
+            "tokenizer": {"context_length": self.tokenizer.context_length, "sha256": self.tokenizer.sha256},
+            "parts": {name: {"file": part.file, "sha256": part.sha256, "max_batch": part.max_batch}
+                      for name, part in self.parts.items()},
+            "source": {
+                "checkpoint": self.source.checkpoint,
+                "checkpoint_sha256": self.source.checkpoint_sha256,
+                "format": self.source.format,
+                "loras": list(self.source.loras),
+            },
+            "capabilities": self.capabilities,
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,

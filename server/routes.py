@@ -14,7 +14,6 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engines.bundle import Manifest
 from engines.options import SegmentOptions
 from server.bodies import read_embed_request, read_segment_request
 from server.auth import require_api_key, require_metrics_key
@@ -174,7 +173,7 @@ async def info(
                 "allowed_content_types": list(settings.allowed_content_types),
             },
             "stage_calls": stage_calls(service),
-            "manifest": None if pipeline is None else _manifest_summary(pipeline.manifest),
+            "manifest": None if pipeline is None else pipeline.manifest.summary(),
         }
     )
 
@@ -183,34 +182,6 @@ def stage_calls(service: SegmentService) -> dict[str, int]:
     """Engine runs per part since start (/info and /metrics)."""
     pipeline = service.pipeline
     return {} if pipeline is None else {str(k): int(v) for k, v in pipeline.stage_calls.items()}
-
-
-def _manifest_summary(manifest: Manifest) -> dict[str, Any]:
-    model = manifest.model
-    return {
-        "name": manifest.name,
-        "card": dict(manifest.card),
-        "schema_version": manifest.schema_version,
-        "architecture": model.architecture,
-        "image_size": model.image_size,
-        "patch_size": model.patch_size,
-        "hidden_size": model.hidden_size,
-        "num_queries": model.num_queries,
-        "mask_size": list(model.mask_size),
-        "parameters": dict(model.parameters),
-        "tokenizer": {"context_length": manifest.tokenizer.context_length, "sha256": manifest.tokenizer.sha256},
-        "parts": {
-            name: {"file": part.file, "sha256": part.sha256, "max_batch": part.max_batch}
-            for name, part in manifest.parts.items()
-        },
-        "source": {
-            "checkpoint": manifest.source.checkpoint,
-            "checkpoint_sha256": manifest.source.checkpoint_sha256,
-            "format": manifest.source.format,
-            "loras": list(manifest.source.loras),
-        },
-        "capabilities": manifest.capabilities,
-    }
 
 
 # --------------------------------------------------------------------------------------------
