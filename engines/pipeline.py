@@ -185,7 +185,8 @@ class Sam3Pipeline:
         self.close()
 
     def describe(self) -> dict[str, Any]:
-        """The model, backend, limits and cache keys of this pipeline, as /info reports them."""
+        """The model, backend, limits and cache keys of this pipeline (for logs and tools; /info
+        reports the manifest's own summary)."""
         model = self.manifest.model
         return {
             "bundle": self.manifest.name,
