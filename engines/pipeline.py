@@ -232,15 +232,18 @@ class Sam3Pipeline:
         if isinstance(prompts, (str, bytes)):
             raise InvalidPrompt("prompts must be a list of strings, not a single string")
         try:
-            items = tuple(p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts)
+            given = list(prompts)
         except TypeError:
             raise InvalidPrompt(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
-        # Texts first, with the tokenizer's own messages (count, length, characters).
-        texts = self.tokenizer.validate([BOX_ONLY_TEXT if p.text is None else p.text for p in items])
+        # Texts first, with the tokenizer's own messages (count, length, characters, a non-string).
+        texts = self.tokenizer.validate([p.model_text if isinstance(p, Prompt) else p for p in given])
+        items = tuple(p if isinstance(p, Prompt) else Prompt(text=p) for p in given)
         if any(p.boxes for p in items) and not self.max_boxes:
             raise ExemplarsUnsupported(f"exemplar boxes cannot be served: {self.exemplars_unavailable}")
         for index, prompt in enumerate(items):
             where = f"prompt {index}"
+            if prompt.text is None and not prompt.boxes:
+                raise InvalidPrompt(f"{where}: a prompt needs a text, exemplar boxes or both")
             if len(prompt.boxes) > self.max_boxes:
                 raise InvalidBox(f"{where}: {len(prompt.boxes)} boxes, this model takes at most {self.max_boxes}")
             if prompt.boxes and prompt.text is None and not any(b.positive for b in prompt.boxes):

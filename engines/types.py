@@ -181,7 +181,7 @@ class TextEmbedding:
     def row(self, index: int) -> "TextEmbedding":
         """Prompt ``index`` alone, as a cache keeps it (a copy: the batch can be freed)."""
         return TextEmbedding(prompts=(self.prompts[index],),
-                             tensors={k: np.ascontiguousarray(v[index : index + 1]) for k, v in self.tensors.items()})
+                             tensors={k: v[index : index + 1].copy() for k, v in self.tensors.items()})
 
     @classmethod
     def stack(cls, rows: Sequence["TextEmbedding"], timings_ms: dict[str, float] | None = None) -> "TextEmbedding":

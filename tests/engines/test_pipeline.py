@@ -26,7 +26,7 @@ from engines.errors import (
 )
 from engines.pipeline import STAGES, Sam3Pipeline
 from engines.postprocess import decode_mask
-from engines.types import ImageEmbedding
+from engines.types import ImageEmbedding, Prompt
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a cat", "the red car on the left", "person", "a photo of a dog"]
@@ -194,8 +194,11 @@ def test_embedding_from_another_encoder_is_refused(pipeline: Sam3Pipeline) -> No
         ([f"p{i}" for i in range(13)], TooManyPrompts),
         ("a cat", InvalidPrompt),  # a bare string, not a list
         ([b"a cat"], InvalidPrompt),
+        (["a cat", None], InvalidPrompt),
+        ([Prompt()], InvalidPrompt),  # neither text nor boxes
     ],
-    ids=["empty-list", "empty-string", "blank", "10000-chars", "too-many", "bare-string", "bytes"],
+    ids=["empty-list", "empty-string", "blank", "10000-chars", "too-many", "bare-string", "bytes", "none",
+         "empty-prompt"],
 )
 def test_bad_prompts_are_typed_errors(pipeline: Sam3Pipeline, prompts, error) -> None:
     runs = pipeline.stage_calls["image_encoder"]
