@@ -11,7 +11,6 @@ from typing import Any
 
 from engines.types import STAGES
 
-STAGE_NAMES = STAGES
 # Every pipeline report has these; the geometry encoder only where a path ran boxes.
 REQUIRED_STAGES = tuple(stage for stage in STAGES if stage != "geometry_encoder")
 POSITIVE = {"type": "number", "exclusiveMinimum": 0}
@@ -36,7 +35,7 @@ _PATH = {
     "properties": {
         "end_to_end": SUMMARY_SCHEMA,
         "stages": {"type": "object", "minProperties": 1,
-                   "propertyNames": {"enum": list(STAGE_NAMES)}, "additionalProperties": SUMMARY_SCHEMA},
+                   "propertyNames": {"enum": list(STAGES)}, "additionalProperties": SUMMARY_SCHEMA},
         "prompts_per_call": {"type": "integer", "minimum": 1},
     },
 }
@@ -164,15 +163,15 @@ def pipeline_markdown(doc: dict[str, Any]) -> str:
         f"after {cfg['warmup']} warm-up; versions: "
         + ", ".join(f"{k} {v}" for k, v in system["versions"].items()),
         "",
-        "| path | " + " | ".join(f"{s} p50" for s in STAGE_NAMES) + " | **e2e p50** | p90 | p99 | mean | FPS |"
+        "| path | " + " | ".join(f"{s} p50" for s in STAGES) + " | **e2e p50** | p90 | p99 | mean | FPS |"
         + (" ours p50 (interleaved) | reference p50 | ours / ref (p50) | ours / ref (min) |" if ref else ""),
-        "|---" * (len(STAGE_NAMES) + 6 + (4 if ref else 0)) + "|",
+        "|---" * (len(STAGES) + 6 + (4 if ref else 0)) + "|",
     ]
     for name, path in doc["paths"].items():
         stages = path["stages"]
         e2e = path["end_to_end"]
         row = (
-            f"| {name} | " + " | ".join(_fmt(stages[s]["p50"], 2) if s in stages else "—" for s in STAGE_NAMES)
+            f"| {name} | " + " | ".join(_fmt(stages[s]["p50"], 2) if s in stages else "—" for s in STAGES)
             + f" | **{_fmt(e2e['p50'])}** | {_fmt(e2e['p90'])} | {_fmt(e2e['p99'])} | {_fmt(e2e['mean'])} "
             f"| {_fmt(e2e['fps'], 2)} |"
         )
@@ -283,7 +282,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
     if doc["kind"] == "pipeline":
         names = list(doc["paths"])
         bottoms = [0.0] * len(names)
-        for stage in STAGE_NAMES:
+        for stage in STAGES:
             values = [doc["paths"][n]["stages"].get(stage, {}).get("p50", 0.0) for n in names]
             left.bar(names, values, bottom=bottoms, label=stage)
             bottoms = [b + v for b, v in zip(bottoms, values)]

@@ -35,7 +35,7 @@ from engines.factory import open_backend
 from engines.options import Limits, SegmentOptions
 from engines.postprocess import postprocess
 from engines.preprocess import ImageSource, load_image, to_pixel_values
-from engines.tokenizer import PromptTokenizer
+from engines.tokenizer import PromptTokenizer, prompt_list
 from engines.types import (
     BOX_ONLY_TEXT,
     STAGES,
@@ -229,12 +229,7 @@ class Sam3Pipeline:
                 return prompts
             self._check_bounds(prompts.items, image_size)
             return replace(prompts, image_size=image_size)
-        if isinstance(prompts, (str, bytes)):
-            raise InvalidPrompt("prompts must be a list of strings, not a single string")
-        try:
-            given = list(prompts)
-        except TypeError:
-            raise InvalidPrompt(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
+        given = prompt_list(prompts)
         # Texts first, with the tokenizer's own messages (count, length, characters, a non-string).
         texts = self.tokenizer.validate([p.model_text if isinstance(p, Prompt) else p for p in given])
         items = tuple(p if isinstance(p, Prompt) else Prompt(text=p) for p in given)

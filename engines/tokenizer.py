@@ -18,7 +18,7 @@ import os
 import re
 import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -88,6 +88,17 @@ def clean_prompt(text: str) -> str:
     return _WHITESPACE_RE.sub(" ", text).strip().lower()
 
 
+def prompt_list(prompts: object) -> list[Any]:
+    """``prompts`` as a list, or InvalidPrompt when it is not one (a bare string is not): the
+    one shape check of a prompt list, for the tokenizer and the pipeline's typed prompts."""
+    if isinstance(prompts, (str, bytes)):
+        raise InvalidPrompt("prompts must be a list of strings, not a single string")
+    try:
+        return list(prompts)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidPrompt(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
+
+
 class PromptTokenizer:
     """Fixed-length CLIP token ids and masks for a batch of prompts.
 
@@ -145,12 +156,7 @@ class PromptTokenizer:
         """Typed errors for unusable prompt lists; the prompts, marked as checked."""
         if isinstance(prompts, Prompts):
             return prompts
-        if isinstance(prompts, (str, bytes)):
-            raise InvalidPrompt("prompts must be a list of strings, not a single string")
-        try:
-            items = list(prompts)
-        except TypeError:
-            raise InvalidPrompt(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
+        items = prompt_list(prompts)
         if not items:
             raise InvalidPrompt("the prompt list is empty")
         if self.max_prompts is not None and len(items) > self.max_prompts:
