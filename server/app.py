@@ -34,7 +34,7 @@ from server.middleware import (
     TrustedHostMiddleware,
 )
 from server.routes import api, probes, stage_calls
-from server.schemas import request_bodies
+from server.schemas import RequestLimits, request_models
 from server.service import SegmentService
 from server.settings import Settings
 from server.triton import triton_backend_options
@@ -53,6 +53,21 @@ def limits(settings: Settings) -> Limits:
         max_prompts=settings.max_prompts,
         max_prompt_chars=settings.max_prompt_chars,
         max_detections=settings.max_detections,
+    )
+
+
+def request_limits(settings: Settings, max_boxes: int | None = None) -> RequestLimits:
+    """What this server accepts: its request models, /openapi.json and /info carry these."""
+    return RequestLimits(
+        max_upload_bytes=settings.max_upload_bytes,
+        max_megapixels=settings.max_megapixels,
+        max_prompts=settings.max_prompts,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_detections=settings.max_detections,
+        max_masks=settings.max_masks,
+        request_timeout_s=settings.request_timeout_s,
+        allowed_content_types=list(settings.allowed_content_types),
+        max_boxes=max_boxes,
     )
 
 
@@ -132,6 +147,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # The bodies' parser takes box prompts whatever the bundle (the pipeline answers for them).
+    app.state.requests = request_models(request_limits(settings))
     app.state.worker = worker
     app.state.service = service
     app.state.metrics = metrics
@@ -146,8 +163,7 @@ def create_app(
             "image_cache": image_cache.stats().to_json(),
             "text_cache": text_cache.stats(),
             "stage_calls": stage_calls(service),
-            "admission": {"in_flight": service.in_flight, "capacity": settings.queue_size,
-                          "decoding": service.decoding, "decode_slots": settings.decode_concurrency},
+            "admission": service.admission(),
         }  # fmt: skip
 
     metrics.add_state_collector(snapshot)
@@ -180,26 +196,21 @@ _KEYED = {("/segment", "post"), ("/embed", "post"), ("/embeddings/{image_id}", "
 
 
 def _document(app: FastAPI, settings: Settings, service: SegmentService) -> None:
-    """/openapi.json as this server is configured: its limits in the request schemas
-    (server/schemas.py), exemplar entries where the loaded pipeline can run them, and the
+    """/openapi.json as this server is configured: the request models with its limits
+    (server/schemas.py ``request_models``), exemplar entries where the loaded pipeline can run them, and the
     X-API-Key requirement exactly where keys are checked. Kept once the pipeline has loaded."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             pipeline = service.pipeline
-            bodies = request_bodies(
-                max_upload_bytes=settings.max_upload_bytes,
-                max_prompts=settings.max_prompts,
-                max_prompt_chars=settings.max_prompt_chars,
-                max_detections=settings.max_detections,
-                content_types=settings.allowed_content_types,
-                max_boxes=int(getattr(pipeline, "max_boxes", 0)),
-            )
+            models = request_models(request_limits(settings, int(getattr(pipeline, "max_boxes", 0))))
+            bodies, components = models.openapi()
             schema = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             for path, name in (("/segment", "segment"), ("/embed", "embed")):
                 schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": bodies[name]}
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
             keyed = set(_KEYED) | ({("/metrics", "get")} if settings.metrics_need_key else set())
             if settings.keys():
                 schema.setdefault("components", {})["securitySchemes"] = {

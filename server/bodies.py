@@ -1,6 +1,6 @@
 """Reading request bodies (server/routes.py calls these): multipart or JSON in, a typed request out; every failure a typed error.
 
-Multipart is parsed by hand (streamed, with part and field limits from the settings) rather than
+Multipart is parsed by hand (streamed, with part and field limits from the request limits) rather than
 by FastAPI's ``Form``/``File``, which would spool the whole upload before any limit applies.
 """
 
@@ -23,8 +23,7 @@ from engines.types import Prompt
 from server.cpu import CpuWork
 from server.errors import BadRequest, InvalidField, PayloadTooLarge, UnsupportedMediaType
 from server.image_ids import ID_PATTERN
-from server.schemas import EmbedJSON, ExemplarEntry, SegmentJSON, SegmentOptionsModel
-from server.settings import Settings
+from server.schemas import ExemplarEntry, RequestLimits, RequestModels, SegmentJSON, SegmentOptionsModel
 
 
 @dataclass(frozen=True)
@@ -82,13 +81,13 @@ def _is_json(media: str) -> bool:
 _OTHER_FIELDS = 8
 
 
-async def _read_multipart(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes | None]:
+async def _read_multipart(request: Request, limits: RequestLimits) -> tuple[dict[str, Any], bytes | None]:
     parser = _StrictMultiPartParser(
         request.headers,
         request.stream(),
         max_files=1,
-        max_fields=settings.max_prompts + _OTHER_FIELDS,
-        max_part_size=max(1024 * 1024, settings.max_prompt_chars * 8),
+        max_fields=limits.max_prompts + _OTHER_FIELDS,
+        max_part_size=max(1024 * 1024, limits.max_prompt_chars * 8),
     )
     try:
         form = await parser.parse()
@@ -96,7 +95,7 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[dict[st
         raise InvalidPrompt(exc.message) from None
     except MultiPartException as exc:
         if exc.message.startswith("Too many fields"):  # one status for too many prompts, JSON or form
-            raise TooManyPrompts(f"more than {settings.max_prompts} prompts per request") from None
+            raise TooManyPrompts(f"more than {limits.max_prompts} prompts per request") from None
         if exc.message.startswith("Too many files"):
             raise InvalidField("only one file part, 'image', is accepted") from None
         raise BadRequest(f"malformed multipart body: {exc.message}") from None
@@ -108,12 +107,12 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[dict[st
                 if key != "image":
                     raise InvalidField(f"unexpected file field {key!r}; send the image as 'image'")
                 declared = (value.content_type or "application/octet-stream").split(";")[0].strip().lower()
-                if declared not in settings.allowed_content_types:
+                if declared not in limits.allowed_content_types:
                     raise UnsupportedMediaType(
                         f"image content type {declared!r} is not accepted "
-                        f"(accepted: {', '.join(settings.allowed_content_types)})"
+                        f"(accepted: {', '.join(limits.allowed_content_types)})"
                     )
-                data = await value.read(settings.max_upload_bytes + 1)  # a bound; _image_bytes checks
+                data = await value.read(limits.max_upload_bytes + 1)  # a bound; _image_bytes checks
             elif key == "prompt":
                 fields.setdefault("prompts", []).append(value)
             elif key == "exemplar":  # in order with the text prompts: one result per field
@@ -128,12 +127,12 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[dict[st
         await form.close()
 
 
-def _decode_base64(text: str, settings: Settings) -> bytes:
+def _decode_base64(text: str, limits: RequestLimits) -> bytes:
     if text.startswith("data:"):
         text = text.split(",", 1)[1] if "," in text else ""
     text = "".join(text.split())
-    if len(text) * 3 // 4 > settings.max_upload_bytes + 3:  # refused before decoding; _image_bytes checks
-        raise PayloadTooLarge(f"image of ~{len(text) * 3 // 4} bytes; at most {settings.max_upload_bytes} bytes")
+    if len(text) * 3 // 4 > limits.max_upload_bytes + 3:  # refused before decoding; _image_bytes checks
+        raise PayloadTooLarge(f"image of ~{len(text) * 3 // 4} bytes; at most {limits.max_upload_bytes} bytes")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -151,11 +150,11 @@ async def _read_json(request: Request) -> bytearray:
     return body
 
 
-def _parse_segment_json(raw: bytearray, settings: Settings) -> tuple[SegmentJSON, bytes | None]:
-    parsed = SegmentJSON.model_validate_json(raw)
+def _parse_segment_json(raw: bytearray, models: RequestModels) -> tuple[SegmentJSON, bytes | None]:
+    parsed = models.segment_json.model_validate_json(raw)
     del raw[:]  # the base64 text is in ``parsed`` now: do not hold it twice
     image, parsed.image = parsed.image, None
-    return parsed, None if image is None else _decode_base64(image, settings)
+    return parsed, None if image is None else _decode_base64(image, models.limits)
 
 
 _FORM_NUMBERS = {"score_threshold": float, "mask_threshold": float, "max_detections": int}
@@ -176,27 +175,28 @@ def _form_options(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _image_bytes(data: bytes, settings: Settings) -> bytes:
+def _image_bytes(data: bytes, limits: RequestLimits) -> bytes:
     """The one check of an upload's size; the readers above only stop reading past the limit."""
     if not data:
         raise InvalidImage("the image is empty (0 bytes)")
-    if len(data) > settings.max_upload_bytes:
-        raise PayloadTooLarge(f"image of {len(data)} bytes; at most {settings.max_upload_bytes} bytes")
+    if len(data) > limits.max_upload_bytes:
+        raise PayloadTooLarge(f"image of {len(data)} bytes; at most {limits.max_upload_bytes} bytes")
     return data
 
 
-async def read_segment_request(request: Request, settings: Settings, cpu: CpuWork) -> SegmentRequest:
+async def read_segment_request(request: Request, models: RequestModels, cpu: CpuWork) -> SegmentRequest:
     media = media_type(request)
     if media == "multipart/form-data":
-        fields, data = await _read_multipart(request, settings)
+        fields, data = await _read_multipart(request, models.limits)
         prompts = fields.pop("prompts", [])
-        image_id = fields.pop("image_id", None)
-        options = SegmentOptionsModel.model_validate(_form_options(fields))
+        # The parts are streamed above; the rest of the form is the model's (options, image_id).
+        options = models.segment_form.model_validate(_form_options(fields))
+        image_id = fields.get("image_id")
     elif _is_json(media):
         # Parsing and base64 decoding of a 27 MB body take tens of milliseconds: not on the loop.
         raw = await _read_json(request)
         # A JSON body holds ~2.4 times its image while parsed: it takes a decode slot.
-        parsed, data = await cpu.run_in_slot(_parse_segment_json, raw, settings)
+        parsed, data = await cpu.run_in_slot(_parse_segment_json, raw, models)
         prompts = [p if isinstance(p, str) else exemplar_prompt(p, i) for i, p in enumerate(parsed.prompts)]
         image_id = parsed.image_id
         options = parsed  # a SegmentOptionsModel, validated with the rest of the body
@@ -206,21 +206,22 @@ async def read_segment_request(request: Request, settings: Settings, cpu: CpuWor
         raise InvalidField("send exactly one of 'image' (the bytes) or 'image_id'")
     if image_id is not None and not re.fullmatch(ID_PATTERN, image_id):
         raise InvalidField("'image_id' is 64 lowercase hex digits, as the server returned it")
-    return SegmentRequest(data=None if data is None else _image_bytes(data, settings), image_id=image_id, prompts=prompts, options=options)
+    return SegmentRequest(data=None if data is None else _image_bytes(data, models.limits), image_id=image_id, prompts=prompts,
+                          options=options)
 
 
-async def read_embed_request(request: Request, settings: Settings, cpu: CpuWork) -> bytes:
+async def read_embed_request(request: Request, models: RequestModels, cpu: CpuWork) -> bytes:
     """The image bytes of POST /embed."""
     media = media_type(request)
     if media == "multipart/form-data":
-        fields, data = await _read_multipart(request, settings)
+        fields, data = await _read_multipart(request, models.limits)
         if fields:
             raise InvalidField(f"unexpected fields {sorted(fields)}; POST /embed takes only 'image'")
     elif _is_json(media):
         raw = await _read_json(request)
-        data = await cpu.run_in_slot(lambda: _decode_base64(EmbedJSON.model_validate_json(raw).image, settings))
+        data = await cpu.run_in_slot(lambda: _decode_base64(models.embed_json.model_validate_json(raw).image, models.limits))
     else:
         raise UnsupportedMediaType("POST /embed takes multipart/form-data or application/json")
     if data is None:
         raise InvalidImage("an 'image' file is required")
-    return _image_bytes(data, settings)
+    return _image_bytes(data, models.limits)

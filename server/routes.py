@@ -27,10 +27,10 @@ from server.schemas import (
     InfoResponse,
     NotReadyResponse,
     ReadyResponse,
+    RequestModels,
     SegmentResponse,
 )
 from server.service import SegmentService
-from server.settings import Settings
 from server.triton import backend_unavailable
 from server.worker import InferenceWorker
 
@@ -61,9 +61,9 @@ def get_service(request: Request) -> SegmentService:
     return service
 
 
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def get_requests(request: Request) -> RequestModels:
+    models: RequestModels = request.app.state.requests
+    return models
 
 
 def get_worker(request: Request) -> InferenceWorker[Any]:
@@ -86,11 +86,11 @@ probes = APIRouter()
 async def segment(
     request: Request,
     service: SegmentService = Depends(get_service),
-    settings: Settings = Depends(get_settings),
+    models: RequestModels = Depends(get_requests),
     namespace: str = Depends(require_api_key),
 ) -> dict[str, Any]:
     # Admitted by AdmissionMiddleware before the body is read: a full server reads nothing.
-    body = await read_segment_request(request, settings, service.cpu)
+    body = await read_segment_request(request, models, service.cpu)
     chosen = body.options
     options = SegmentOptions(
         score_threshold=chosen.score_threshold,
@@ -122,10 +122,10 @@ async def segment(
 async def embed(
     request: Request,
     service: SegmentService = Depends(get_service),
-    settings: Settings = Depends(get_settings),
+    models: RequestModels = Depends(get_requests),
     namespace: str = Depends(require_api_key),
 ) -> EmbedResponse:
-    done = await service.embed(await read_embed_request(request, settings, service.cpu), namespace)
+    done = await service.embed(await read_embed_request(request, models, service.cpu), namespace)
     return EmbedResponse.model_validate(
         {"image_id": done.image_id, "image_size": done.image_size._asdict(), "cached": done.cached}
     )
@@ -144,7 +144,7 @@ async def delete_embedding(
 @api.get("/info", response_model=InfoResponse, summary="Model, backend, limits, cache and stage counters")
 async def info(
     service: SegmentService = Depends(get_service),
-    settings: Settings = Depends(get_settings),
+    models: RequestModels = Depends(get_requests),
     worker: InferenceWorker[Any] = Depends(get_worker),
 ) -> InfoResponse:
     pipeline = service.pipeline
@@ -156,22 +156,9 @@ async def info(
             "cache": {**service.image_cache.stats().to_json(), "dtype": service.cache_dtype()},
             "text_cache": service.text_cache.stats(),
             "queue": {"capacity": worker.queue_size, "depth": worker.depth},
-            "admission": {
-                "capacity": settings.queue_size, "in_flight": service.in_flight,
-                "decode_slots": settings.decode_concurrency, "decoding": service.decoding,
-                "decoding_peak": service.decoding_peak,
-            },  # fmt: skip
+            "admission": service.admission(),
             "worker": {k: v for k, v in vars(worker.stats).items() if k != "extra"},
-            "limits": {
-                "max_upload_bytes": settings.max_upload_bytes,
-                "max_megapixels": settings.max_megapixels,
-                "max_prompts": settings.max_prompts,
-                "max_prompt_chars": settings.max_prompt_chars,
-                "max_detections": settings.max_detections,
-                "max_masks": settings.max_masks,
-                "request_timeout_s": settings.request_timeout_s,
-                "allowed_content_types": list(settings.allowed_content_types),
-            },
+            "limits": models.limits.info(),
             "stage_calls": stage_calls(service),
             "manifest": None if pipeline is None else pipeline.manifest.summary(),
         }

@@ -7,9 +7,10 @@ bounds come from ``engines.options`` (one set of limits for the pipeline, the CL
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union, get_args
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Json, create_model, field_validator
 
 from engines.options import MIN_DETECTIONS, THRESHOLD_MAX, THRESHOLD_MIN
 from engines.tokenizer import INVISIBLE_CHARS, REJECTED_CHARS
@@ -26,8 +27,47 @@ class _Response(BaseModel):
 # --------------------------------------------------------------------------------------------
 # Requests
 # --------------------------------------------------------------------------------------------
-class SegmentOptionsModel(BaseModel):
+class LimitsOut(_Response):
+    """The limits /info reports."""
+
+    max_upload_bytes: int
+    max_megapixels: float
+    max_prompts: int
+    max_prompt_chars: int
+    max_detections: int
+    max_masks: int
+    request_timeout_s: float
+    allowed_content_types: list[str]
+
+
+class RequestLimits(LimitsOut):
+    """What this server accepts: the numbers its request models, /openapi.json and /info carry.
+
+    ``max_boxes`` is the loaded bundle's (0: text prompts only; None: not loaded yet, so the
+    parser lets box prompts through to the pipeline, which owns the answer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_boxes: int | None = None
+
+    def info(self) -> dict[str, Any]:
+        """The ``limits`` section of /info (the bundle's box limit is under ``capabilities``)."""
+        return self.model_dump(include=set(LimitsOut.model_fields))
+
+
+def _documented(**keywords: Any) -> Any:
+    """JSON Schema keywords a field is documented with but the model does not check: their owner
+    does (the tokenizer and ``Sam3Pipeline.check_prompts`` for prompts and boxes, with their own
+    error codes; server/bodies.py for upload sizes), so each check is made once."""
+    return Field(json_schema_extra=keywords)
+
+
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SegmentOptionsModel(_Strict):
+    """The options of POST /segment, in either body form."""
 
     score_threshold: float = Field(
         0.5, ge=THRESHOLD_MIN, le=THRESHOLD_MAX, description="Keep detections scoring at least this."
@@ -48,10 +88,8 @@ class SegmentOptionsModel(BaseModel):
         return value
 
 
-class ExemplarEntry(BaseModel):
+class ExemplarEntry(_Strict):
     """A prompt given by exemplar boxes, with or without text: "find everything like this box"."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str | None = Field(None, description="Optional text; without it the model is told \"visual\".")
     boxes: list[list[float]] = Field(..., description="Boxes as pixel [x0, y0, x1, y1] of the original image.")
@@ -67,131 +105,144 @@ class SegmentJSON(SegmentOptionsModel):
         ..., description="Text prompts or exemplar entries; one result per prompt, in order.")
 
 
-class EmbedJSON(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class EmbedJSON(_Strict):
     image: str = Field(..., description="Base64 image bytes.")
 
 
-def request_bodies(
-    *,
-    max_upload_bytes: int,
-    max_prompts: int,
-    max_prompt_chars: int,
-    max_detections: int,
-    content_types: tuple[str, ...],
-    max_boxes: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """The ``requestBody`` of POST /segment and /embed with this server's limits: exactly what
-    server/bodies.py accepts (schemathesis checks both ways: tests/server/test_schemathesis.py).
+class EmbedForm(_Strict):
+    image: bytes = Field(..., description="The image file.")
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request bodies of one server: the models above with its limits documented in them.
+
+    ``segment_json`` parses JSON bodies; the multipart parser (server/bodies.py) streams the parts
+    itself and validates the options with ``segment_form``. :meth:`openapi` is their JSON Schema,
+    so /openapi.json cannot say anything the parser does not do."""
+
+    limits: RequestLimits
+    segment_json: type[SegmentJSON]
+    segment_form: type[SegmentOptionsModel]
+    embed_json: type[EmbedJSON]
+    embed_form: type[EmbedForm]
+
+    def openapi(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """The ``requestBody`` content of POST /segment and /embed, and the component schemas
+        they refer to."""
+        components: dict[str, Any] = {}
+
+        def schema(model: type[BaseModel]) -> dict[str, Any]:
+            out = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(out.pop("$defs", {}))
+            return out
+
+        bodies = {
+            "segment": {"multipart/form-data": {"schema": schema(self.segment_form)},
+                        "application/json": {"schema": schema(self.segment_json)}},
+            "embed": {"multipart/form-data": {"schema": schema(self.embed_form)},
+                      "application/json": {"schema": schema(self.embed_json)}},
+        }  # fmt: skip
+        return bodies, components
+
+
+def request_models(limits: RequestLimits) -> RequestModels:
+    """The request models with ``limits`` in their schema (what schemathesis checks both ways:
+    tests/server/test_schemathesis.py).
 
     What a schema cannot say is said in words and keywords a fuzzer can be taught: ``image`` must
-    be an image (``contentMediaType: image/*``; the accepted part types in its description)."""
-    b64_max = 4 * -(-max_upload_bytes // 3)
-    prompt = {
-        "type": "string",
+    be an image (``contentMediaType: image/*``; the accepted part types in its description); a
+    box lies inside the image with x1 > x0 and y1 > y0."""
+    image_media = "image/*"
+    accepted = ", ".join(limits.allowed_content_types)
+    prompt_keywords = {
         "minLength": 1,
-        "maxLength": max_prompt_chars,
+        "maxLength": limits.max_prompt_chars,
         # No control characters, and something besides whitespace and what the tokenizer's
         # cleaning deletes (engines/tokenizer.py); HTML entities of whitespace are empty too.
         "pattern": f"^[^{REJECTED_CHARS}]*[^\\s{INVISIBLE_CHARS}][^{REJECTED_CHARS}]*$",
         "description": "A text prompt; the whitespace-only ones (no-break spaces, &nbsp; included) are refused.",
     }
-    prompts: dict[str, Any] = {"type": "array", "items": prompt, "minItems": 1, "maxItems": max_prompts}
-    # Exemplar entries exist only where the bundle can run them (max_boxes > 0). What no schema
-    # can say (x1 > x0, y1 > y0, inside the image; negative boxes need text or a positive box;
-    # as many labels as boxes) is in the description, and refused with 422 invalid_box.
-    exemplar = {
-        "type": "object", "additionalProperties": False, "required": ["boxes"],
-        "properties": {
-            "text": prompt,
-            "boxes": {"type": "array", "minItems": 1, "maxItems": max_boxes,
-                      "items": {"type": "array", "minItems": 4, "maxItems": 4,
-                                "items": {"type": "number", "minimum": 0}}},
-            "labels": {"type": "array", "minItems": 1, "maxItems": max_boxes,
-                       "items": {"type": "integer", "enum": [0, 1]}},
-        },
-        "description": "Boxes are pixel [x0, y0, x1, y1] inside the image with x1 > x0 and y1 > y0; labels "
-                       "(1 positive, 0 negative; default all 1), one per box. Negative boxes alone need "
-                       "a text. The result's prompt is the text, or \"visual\" without one.",
-    }  # fmt: skip
-    json_prompts = dict(prompts, items={"anyOf": [prompt, exemplar]}) if max_boxes else prompts
-    form_fields: dict[str, Any] = {"prompt": {"anyOf": [prompt, prompts]}}
-    form_required: dict[str, Any] = {"required": ["prompt"]}
-    if max_boxes:
-        exemplar_text = {"type": "string", "contentMediaType": "application/json", "contentSchema": exemplar,
-                         "description": "One exemplar entry as JSON text, e.g. {\"boxes\": [[10, 20, 90, 120]]}."}
-        form_fields["exemplar"] = {"anyOf": [exemplar_text, {"type": "array", "items": exemplar_text,
-                                                             "minItems": 1, "maxItems": max_prompts}]}
-        form_required = {"anyOf": [{"required": ["prompt"]}, {"required": ["exemplar"]}]}
-    image_id = {
-        "type": "string",
-        "pattern": ID_PATTERN,
-        "description": "An image_id this API key received from POST /segment or /embed.",
-    }
-    # The options as SegmentOptionsModel (what the parser validates) declares them, plus this
-    # server's cap; both body forms share them.
-    declared = SegmentOptionsModel.model_json_schema()["properties"]
-    options: dict[str, dict[str, Any]] = {
-        "score_threshold": declared["score_threshold"],
-        "mask_threshold": declared["mask_threshold"],
-        "max_detections": {
-            "type": "integer", "minimum": MIN_DETECTIONS, "maximum": max_detections,
-            "description": "Detections per prompt (default: the cap; with P prompts at most SAM3_MAX_MASKS // P).",
-        },
-        "mask_format": {"type": "string", "enum": list(get_args(MaskFormat)), "default": "rle"},
-    }  # fmt: skip
-    image_media = "image/*"
-    accepted = ", ".join(content_types)
-    file_part = {"type": "string", "format": "binary", "contentMediaType": image_media, "maxLength": max_upload_bytes,
-                 "description": f"The image file (JPEG, PNG, WebP, BMP, TIFF); its part's Content-Type one of {accepted}."}
-    b64_image = {
-        "type": "string", "format": "byte", "contentEncoding": "base64", "contentMediaType": image_media,
-        "minLength": 4, "maxLength": b64_max,
-        "description": "The image file, base64 (a data: URL prefix is accepted).",
-    }  # fmt: skip
+    TextPrompt = Annotated[str, _documented(**prompt_keywords)]
+    prompt_count = {"minItems": 1, "maxItems": limits.max_prompts}
+    with_boxes = limits.max_boxes != 0
+    max_boxes = {"maxItems": limits.max_boxes} if limits.max_boxes else {}
+    Box = Annotated[list[Annotated[float, _documented(minimum=0)]], _documented(minItems=4, maxItems=4)]
+
+    class Exemplar(ExemplarEntry):
+        __doc__ = ("Boxes are pixel [x0, y0, x1, y1] inside the image with x1 > x0 and y1 > y0; labels "
+                   "(1 positive, 0 negative; default all 1), one per box. Negative boxes alone need "
+                   "a text. The result's prompt is the text, or \"visual\" without one.")
+        text: TextPrompt | None = None
+        boxes: Annotated[list[Box], _documented(minItems=1, **max_boxes)]
+        labels: Annotated[list[Annotated[int, _documented(enum=[0, 1])]],
+                          _documented(minItems=1, **max_boxes)] | None = None
+
+    Prompts = Annotated[list[TextPrompt | Exemplar] if with_boxes else list[TextPrompt],  # type: ignore[valid-type]
+                        _documented(**prompt_count)]
+    MaxDetections = Annotated[int, Field(ge=MIN_DETECTIONS), _documented(
+        maximum=limits.max_detections,
+        description="Detections per prompt (default: the cap; with P prompts at most SAM3_MAX_MASKS // P).")]
+    ImageId = Annotated[str, _documented(pattern=ID_PATTERN,
+                                         description="An image_id this API key received from POST /segment or /embed.")]
+    b64_image = _documented(format="byte", contentEncoding="base64", contentMediaType=image_media, minLength=4,
+                            maxLength=4 * -(-limits.max_upload_bytes // 3),
+                            description="The image file, base64 (a data: URL prefix is accepted).")
+    file_part = _documented(format="binary", contentMediaType=image_media, maxLength=limits.max_upload_bytes,
+                            description="The image file (JPEG, PNG, WebP, BMP, TIFF); its part's Content-Type "
+                                        f"one of {accepted}.")
     # Exactly one of the two; in JSON a null one counts as absent.
-    exactly_one_field = [{"required": ["image"]}, {"required": ["image_id"]}]
-    exactly_one = [
+    one_image_json: dict[str, Any] = {"oneOf": [
         {"required": ["image"], "properties": {"image": {"type": "string"}}},
         {"required": ["image_id"], "properties": {"image_id": {"type": "string"}}},
-    ]
-    nullable = {"anyOf": [{"type": "null"}]}
+    ]}
+    one_image_form = {"oneOf": [{"required": ["image"]}, {"required": ["image_id"]}]}
+    prompt_required: dict[str, Any] = (
+        {"anyOf": [{"required": ["prompt"]}, {"required": ["exemplar"]}]} if with_boxes else {"required": ["prompt"]})
 
-    def or_null(schema: dict[str, Any]) -> dict[str, Any]:
-        return {"anyOf": [schema, *nullable["anyOf"]]}
+    class SegmentJSONBody(SegmentJSON):
+        __doc__ = SegmentJSON.__doc__
+        model_config = ConfigDict(title="SegmentJSON", json_schema_extra=one_image_json)
+        image: Annotated[str, b64_image] | None = None
+        image_id: ImageId | None = None
+        prompts: Prompts  # type: ignore[valid-type]
+        max_detections: MaxDetections | None = None
 
-    return {
-        "segment": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object", "additionalProperties": False,
-                    # One prompt field is a string; repeated, they are the list.
-                    "properties": {"image": file_part, "image_id": image_id, **form_fields, **options},
-                    "allOf": [form_required, {"oneOf": exactly_one_field}],
-                },
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object", "additionalProperties": False,
-                    "properties": {
-                        "image": or_null(b64_image), "image_id": or_null(image_id), "prompts": json_prompts,
-                        **options, "max_detections": or_null(options["max_detections"]),
-                    },
-                    "required": ["prompts"], "oneOf": exactly_one,
-                },
-            },
-        },
-        "embed": {
-            "multipart/form-data": {
-                "schema": {"type": "object", "additionalProperties": False,
-                           "properties": {"image": file_part}, "required": ["image"]},
-            },
-            "application/json": {
-                "schema": {"type": "object", "additionalProperties": False,
-                           "properties": {"image": b64_image}, "required": ["image"]},
-            },
-        },
-    }  # fmt: skip
+    def _form_schema(schema: dict[str, Any]) -> None:
+        # A form field is there or not (no null in a form): optional, neither nullable nor null
+        # by default.
+        for name in form_fields:
+            schema["properties"][name].pop("default", None)
+        schema["allOf"] = [prompt_required, one_image_form]
+
+    class _Form(SegmentOptionsModel):
+        """multipart/form-data form of POST /segment: an ``image`` file part or an ``image_id``;
+        ``prompt`` and ``exemplar`` fields, repeated, in the order their results come back."""
+
+        model_config = ConfigDict(json_schema_extra=_form_schema)
+
+    omitted = Field(None)
+    form_fields: dict[str, Any] = {
+        "image": (Annotated[bytes, file_part], omitted),
+        "image_id": (ImageId, omitted),
+        "prompt": (TextPrompt | Annotated[list[TextPrompt], _documented(**prompt_count)], omitted),
+        "max_detections": (MaxDetections, omitted),
+    }
+    if with_boxes:  # one exemplar entry as JSON text per field
+        text = Annotated[Json[Exemplar], _documented(
+            description='One exemplar entry as JSON text, e.g. {"boxes": [[10, 20, 90, 120]]}.')]
+        form_fields["exemplar"] = (text | Annotated[list[text], _documented(**prompt_count)], omitted)
+    segment_form = create_model("SegmentForm", __base__=_Form, **form_fields)
+
+    class EmbedJSONBody(EmbedJSON):
+        model_config = ConfigDict(title="EmbedJSON")
+        image: Annotated[str, b64_image]
+
+    class EmbedFormBody(EmbedForm):
+        model_config = ConfigDict(title="EmbedForm")
+        image: Annotated[bytes, file_part]
+
+    return RequestModels(limits, SegmentJSONBody, segment_form, EmbedJSONBody, EmbedFormBody)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,17 +396,6 @@ class WorkerOut(_Response):
     rejected_full: int
     timed_out: int
     run_s_ewma: float
-
-
-class LimitsOut(_Response):
-    max_upload_bytes: int
-    max_megapixels: float
-    max_prompts: int
-    max_prompt_chars: int
-    max_detections: int
-    max_masks: int
-    request_timeout_s: float
-    allowed_content_types: list[str]
 
 
 class PartOut(_Response):

@@ -208,6 +208,14 @@ class SegmentService:
             model=self.model_identity(),
         )
 
+    def admission(self) -> dict[str, int]:
+        """Requests and decoded images in progress, against their capacities (/info, /metrics)."""
+        return {
+            "capacity": self.settings.queue_size, "in_flight": self.in_flight,
+            "decode_slots": self.settings.decode_concurrency, "decoding": self.decoding,
+            "decoding_peak": self.decoding_peak,
+        }  # fmt: skip
+
     def delete(self, image_id: str, namespace: str = "") -> None:
         if not self.image_cache.delete(self.image_key(namespace, image_id)):
             raise ImageNotCached(f"image {image_id} is not cached")

@@ -6,8 +6,11 @@ and as fast as it gets. The event loop never runs inference; it puts a job on a 
 and awaits an asyncio future the worker completes with ``call_soon_threadsafe``.
 
 Backpressure is explicit: a full queue raises :class:`QueueFull` (429 + Retry-After) at once
-instead of letting latency grow without bound; a request past its deadline raises
-:class:`DeadlineExceeded` (504) and, if its job has not started yet, the worker skips it.
+instead of letting latency grow without bound. In the server this never fires: admission
+(``SegmentService.admit``) is the one check, and it keeps at most ``queue_size`` requests alive,
+each with at most one job here; the bound stays because the queue must be bounded by itself.
+A request past its deadline raises :class:`DeadlineExceeded` (504) and, if its job has not
+started yet, the worker skips it.
 On shutdown the queue is drained: jobs already accepted run to completion.
 """
 

@@ -86,8 +86,10 @@ def test_bad_multipart_exemplar_is_422(client: httpx.Client) -> None:
 
 
 def test_openapi_documents_exemplar_entries(client: httpx.Client) -> None:
-    body = client.get("/openapi.json").json()["paths"]["/segment"]["post"]["requestBody"]["content"]
-    entry = body["application/json"]["schema"]["properties"]["prompts"]["items"]["anyOf"][1]
+    document = client.get("/openapi.json").json()
+    body = document["paths"]["/segment"]["post"]["requestBody"]["content"]
+    ref = body["application/json"]["schema"]["properties"]["prompts"]["items"]["anyOf"][1]["$ref"]
+    entry = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert entry["properties"]["boxes"]["maxItems"] == 16 and entry["required"] == ["boxes"]
     assert "exemplar" in body["multipart/form-data"]["schema"]["properties"]
 

@@ -39,7 +39,8 @@ def test_openapi_documents_every_route_with_the_servers_limits(server) -> None:
     assert {"multipart/form-data", "application/json"} <= set(body)
     as_json = body["application/json"]["schema"]["properties"]
     # tests/server/conftest.py SERVER_ENV: 8 prompts of 64 characters, uploads of 2 MiB.
-    text_prompt, exemplar = as_json["prompts"]["items"]["anyOf"]  # the tiny bundle takes exemplar boxes
+    text_prompt, exemplar_ref = as_json["prompts"]["items"]["anyOf"]  # the tiny bundle takes exemplar boxes
+    exemplar = schema.raw_schema["components"]["schemas"][exemplar_ref["$ref"].rsplit("/", 1)[1]]
     assert as_json["prompts"]["maxItems"] == 8 and text_prompt["maxLength"] == 64
     assert exemplar["properties"]["boxes"]["maxItems"] == 16
     assert as_json["max_detections"]["anyOf"][0]["maximum"] == 100
