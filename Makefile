@@ -18,11 +18,13 @@ PYTEST_ARGS ?=
 
 .PHONY: venv runtime-venv demo demo-bundle serve test test-slow lint clean train train-lora accuracy accuracy-base accuracy-lora
 
-$(VENV)/.installed: requirements/runtime.txt requirements/export.txt requirements/dev.txt requirements/tritonserver.txt requirements/typecheck.txt
+$(VENV)/.installed: requirements/runtime.txt requirements/trackers.txt requirements/export.txt requirements/dev.txt requirements/tritonserver.txt requirements/typecheck.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
 	$(PIP) install -q -r requirements/dev.txt
+	# ByteTrack and the MOT metrics without a second OpenCV (--no-deps: see the file).
+	$(PIP) install -q --no-deps -r requirements/trackers.txt
 	# TensorRT's type stubs without TensorRT (--no-deps: see the file).
 	$(PIP) install -q --no-deps -r requirements/typecheck.txt
 	# A real tritonserver for the Triton tests; --no-deps: see the file. Where no wheel fits, they skip.

@@ -6,6 +6,7 @@
     python -m benchmarks report out.json --markdown out.md --plot out.png   # re-render a saved run
     python -m benchmarks accuracy --bundle DIR --scenes 200 --json acc.json   # accuracy end to end
     python -m benchmarks accuracy --checkpoint models/shapes --dataset coco_dir  # the PyTorch model
+    python -m benchmarks tracking --bundle DIR --videos 8 --streams 1 2 4   # MOTA/IDF1, stream FPS
 
 Exit codes: 0 done, 2 bad arguments or input, 1 the benchmark failed (one line on stderr).
 Goals missed are reported in the output, not as a failing exit: this is a measurement.
@@ -102,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also prompt with supercategory names (default: on for generated scene sets)")
     outputs(acc)
     acc.set_defaults(func=cmd_accuracy)
+
+    track = sub.add_parser("tracking", help="MOTA/IDF1/ID switches on generated moving scenes, and stream FPS")
+    track.add_argument("--bundle", type=Path, required=True)
+    track.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    track.add_argument("--videos", type=int, default=8, help="generated videos (scenes/video.py)")
+    track.add_argument("--video-seed", type=int, default=11)
+    track.add_argument("--frames", type=int, default=40, help="frames per video (10 FPS)")
+    track.add_argument("--write-videos", type=Path, default=None, help="keep the MP4 files and truth here")
+    track.add_argument("--modes", nargs="+", default=list(("text", "box")), choices=("text", "box"))
+    track.add_argument("--score-threshold", type=float, default=0.5)
+    track.add_argument("--streams", type=int, nargs="*", default=[1, 2, 4],
+                       help="stream counts for the throughput run (none: skip it)")
+    track.add_argument("--stream-seconds", type=float, default=20.0)
+    outputs(track)
+    track.set_defaults(func=cmd_tracking)
 
     summary = sub.add_parser("accuracy-summary", help="one table over the accuracy reports in a directory")
     summary.add_argument("directory", type=Path)
@@ -228,6 +244,40 @@ def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def cmd_tracking(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    from benchmarks import tracking
+    from engines.pipeline import Sam3Pipeline
+    from scenes.video import VideoOptions, write_video_set
+
+    if not args.bundle.is_dir():
+        raise UsageError(f"bundle not found: {args.bundle}")
+    if args.videos < 1 or args.frames < 2:
+        raise UsageError("--videos must be >= 1 and --frames >= 2")
+    if not 0.0 < args.score_threshold <= 1.0:
+        raise UsageError("--score-threshold must be in (0, 1]")
+    if any(n < 1 for n in args.streams):
+        raise UsageError("--streams counts must be >= 1")
+    target = args.write_videos or Path(tempfile.mkdtemp(prefix="sam3-videos-"))
+    options = VideoOptions(frames=args.frames)
+    videos = write_video_set(target, args.videos, seed=args.video_seed, options=options)
+    pipeline = Sam3Pipeline.from_bundle(args.bundle, args.backend)
+    config = tracking.TrackingConfig(score_threshold=args.score_threshold,
+                                     low_threshold=min(0.1, args.score_threshold))
+    try:
+        accuracy = [tracking.evaluate_tracking(pipeline, videos, mode, config) for mode in args.modes]
+        throughput = [tracking.stream_throughput(pipeline, videos[0], n, args.stream_seconds, config)
+                      for n in args.streams]
+        backend = {"kind": pipeline.backend.kind, "precision": pipeline.backend.precision}
+    finally:
+        pipeline.close()
+    return {"kind": "tracking", "bundle": str(args.bundle), "backend": backend,
+            "videos": {"count": args.videos, "seed": args.video_seed, "frames": args.frames, "fps": options.fps,
+                       "size": list(options.size)},
+            "accuracy": accuracy, "throughput": throughput}
+
+
 class UsageError(Exception):
     pass
 
@@ -263,8 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.markdown:
             _write(args.markdown, text)
         if args.plot:
-            if doc["kind"] == "accuracy":
-                raise UsageError("--plot draws latency documents; accuracy has markdown and JSON")
+            if doc["kind"] in ("accuracy", "tracking"):
+                raise UsageError(f"--plot draws latency documents; {doc['kind']} has markdown and JSON")
             report.plot(doc, args.plot)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

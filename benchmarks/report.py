@@ -267,6 +267,10 @@ def markdown(doc: dict[str, Any]) -> str:
         from benchmarks.accuracy import markdown as accuracy_markdown
 
         return accuracy_markdown(doc)
+    if doc["kind"] == "tracking":
+        from benchmarks.tracking import markdown as tracking_markdown
+
+        return tracking_markdown(doc["accuracy"], doc["throughput"])
     return pipeline_markdown(doc) if doc["kind"] == "pipeline" else http_markdown(doc)
 
 

@@ -33,7 +33,8 @@ __all__ = ["MASK_FORMATS", "decode_mask", "encode_mask", "postprocess", "result_
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for very negative logits: 1/inf = 0
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
 def postprocess(

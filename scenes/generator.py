@@ -99,7 +99,7 @@ def generate_scene(seed: int, options: SceneOptions = SceneOptions()) -> Scene:
     rng = np.random.default_rng(seed)
     lo, hi = options.side_range
     height, width = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-    canvas = _background(rng, height, width)
+    canvas = background(rng, height, width)
     count = int(rng.integers(options.objects[0], options.objects[1] + 1))
     shapes_to_draw = [str(rng.choice(options.shapes)) for _ in range(count)]
     if options.require_shape is not None and options.require_shape not in shapes_to_draw:
@@ -111,7 +111,7 @@ def generate_scene(seed: int, options: SceneOptions = SceneOptions()) -> Scene:
     for shape in shapes_to_draw:
         colour = str(rng.choice(list(COLOURS)))
         for _ in range(MAX_PLACEMENT_TRIES):
-            mask = _shape_mask(rng, shape, height, width)
+            mask = draw_shape(shape, sample_pose(rng, shape, height, width), height, width)
             if all_visible_enough(full_masks, mask):
                 full_masks.append(mask)
                 kinds.append((colour, shape))
@@ -164,13 +164,33 @@ def all_visible_enough(existing: list[np.ndarray], new: np.ndarray) -> bool:
     return True
 
 
-def _shape_mask(rng: np.random.Generator, shape: str, height: int, width: int) -> np.ndarray:
+@dataclass(frozen=True)
+class ShapePose:
+    """Where and how a shape is drawn: centre, radius (half its extent), rotation, and a star's
+    inner-to-outer radius ratio. Moving scenes (scenes/video.py) draw one object at many poses."""
+
+    cx: float
+    cy: float
+    radius: float
+    angle: float
+    inner: float = 0.45
+
+
+def sample_pose(rng: np.random.Generator, shape: str, height: int, width: int) -> ShapePose:
     short = min(height, width)
     extent = float(rng.uniform(*SIZE_RANGE)) * short  # diameter / side / circumscribed width
     radius = extent / 2.0
     cx = float(rng.uniform(radius, width - radius))
     cy = float(rng.uniform(radius, height - radius))
     angle = float(rng.uniform(0, 2 * math.pi))
+    if shape == "star":
+        return ShapePose(cx, cy, radius, angle, float(rng.uniform(0.38, 0.5)))
+    return ShapePose(cx, cy, radius, angle)
+
+
+def draw_shape(shape: str, pose: ShapePose, height: int, width: int) -> np.ndarray:
+    """bool [H, W]: the shape at ``pose``, clipped to the image."""
+    cx, cy, radius, angle = pose.cx, pose.cy, pose.radius, pose.angle
     mask = np.zeros((height, width), dtype=np.uint8)
     shift = 4  # sub-pixel vertex precision for OpenCV
     if shape == "circle":
@@ -184,8 +204,7 @@ def _shape_mask(rng: np.random.Generator, shape: str, height: int, width: int) -
     elif shape == "triangle":
         vertices = [(radius * 1.1, angle + k * 2 * math.pi / 3) for k in range(3)]
     elif shape == "star":
-        inner = float(rng.uniform(0.38, 0.5))
-        vertices = [((radius * 1.05) if k % 2 == 0 else radius * 1.05 * inner, angle + k * math.pi / 5)
+        vertices = [((radius * 1.05) if k % 2 == 0 else radius * 1.05 * pose.inner, angle + k * math.pi / 5)
                     for k in range(10)]
     else:
         raise ValueError(f"unknown shape {shape!r}")
@@ -195,7 +214,7 @@ def _shape_mask(rng: np.random.Generator, shape: str, height: int, width: int) -
     return mask.astype(bool)
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """float32 [H, W, 3] in 0..255 with low saturation: flat, gradient, noise or blurred texture."""
     kind = int(rng.integers(4))
     level = float(rng.uniform(35, 215))

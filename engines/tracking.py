@@ -1,0 +1,154 @@
+"""Identities across frames: ByteTrack (Roboflow's ``trackers``) per prompt over SAM3's detections.
+
+SAM3 finds every instance a prompt names in each frame; a tracker gives the same object the same
+id from frame to frame. One ByteTrack runs per prompt (a "red circle" track never jumps to a
+blue one), on the detections' boxes and scores; each track keeps its detection's mask.
+
+ByteTrack's point is its second, low-score association: detections between ``low_threshold``
+and the user's threshold may continue a track but never start one. So a stream asks the pipeline
+for detections down to ``low_threshold`` and reports only tracked ones.
+
+Box prompts drawn on the first frame follow their object: each positive box is re-anchored on
+every frame at the box of the track it started on (an exemplar box must cover the object in the
+frame being decoded, and the object moves).
+
+SAM3's own video tracker (a memory bank of past masks, propagated per object) is the upgrade
+path: docs/streams.md says what exporting it would take.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from engines.types import Detection, ExemplarBox, Prompt, PromptResult
+
+
+@dataclass(frozen=True)
+class TrackerOptions:
+    score_threshold: float = 0.5  # starts a track (ByteTrack's high-confidence stage)
+    low_threshold: float = 0.1  # may continue one (its second stage); the pipeline's threshold
+    lost_track_s: float = 1.0  # how long a lost track may come back with its id
+    confirm_frames: int = 2  # consecutive frames before a new track gets an id
+    min_iou: float = 0.1  # box overlap with a track's prediction that can match it
+
+
+@dataclass(frozen=True)
+class TrackedDetection:
+    track_id: int  # unique within a stream, across prompts
+    prompt_index: int
+    prompt: str
+    detection: Detection = field(repr=False)
+
+    @property
+    def score(self) -> float:
+        return self.detection.score
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return self.detection.box
+
+
+def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class StreamTracker:
+    """ByteTrack per prompt for one stream; :meth:`prompts_for_next_frame` moves box prompts."""
+
+    def __init__(self, prompts: Sequence[str | Prompt], frame_rate: float, options: TrackerOptions = TrackerOptions()) -> None:
+        if not 0 < options.low_threshold <= options.score_threshold <= 1:
+            raise ValueError("TrackerOptions needs 0 < low_threshold <= score_threshold <= 1")
+        self.options = options
+        self.frame_rate = max(1.0, float(frame_rate))
+        self._initial = [p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts]
+        self._current = list(self._initial)
+        # Per box prompt: for each positive box, the stream track id it follows (None: not yet bound).
+        self._anchors: list[list[int | None]] = [[None] * len(p.boxes) for p in self._initial]
+        self._ids: dict[tuple[int, int], int] = {}
+        self._next_id = 1
+        self._trackers = [self._new_tracker() for _ in self._initial]
+
+    def _new_tracker(self) -> Any:
+        from trackers import ByteTrackTracker  # lazily: only streams need it
+
+        o = self.options
+        return ByteTrackTracker(
+            lost_track_buffer=max(1, round(o.lost_track_s * self.frame_rate)),
+            frame_rate=self.frame_rate,
+            track_activation_threshold=o.score_threshold,
+            minimum_consecutive_frames=o.confirm_frames,
+            minimum_iou_threshold=o.min_iou,
+            high_conf_det_threshold=o.score_threshold,
+        )
+
+    def reset(self) -> None:
+        """Forget every track (the frame size changed: old boxes mean nothing in the new one).
+        Box prompts go back to where they were drawn."""
+        self._trackers = [self._new_tracker() for _ in self._initial]
+        self._current = list(self._initial)
+        self._anchors = [[None] * len(p.boxes) for p in self._initial]
+
+    def prompts_for_next_frame(self) -> list[Prompt]:
+        return list(self._current)
+
+    def update(self, results: Sequence[PromptResult], size: tuple[int, int]) -> list[TrackedDetection]:
+        """The detections of one frame of ``size`` (height, width), one result per prompt in
+        prompt order -> the tracked ones."""
+        import supervision as sv  # the trackers' detection type
+
+        if len(results) != len(self._trackers):
+            raise ValueError(f"{len(results)} results for {len(self._trackers)} prompts")
+        out: list[TrackedDetection] = []
+        for index, (result, tracker) in enumerate(zip(results, self._trackers)):
+            dets = [d for d in result.detections if d.score >= self.options.low_threshold]
+            boxes = np.asarray([d.box for d in dets], dtype=np.float32).reshape(-1, 4)
+            found = sv.Detections(xyxy=boxes, confidence=np.asarray([d.score for d in dets], dtype=np.float32),
+                                  data={"index": np.arange(len(dets))})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tracked = tracker.update(found)
+            for local_id, det_index in zip(tracked.tracker_id, tracked.data.get("index", ())):
+                if local_id < 0:
+                    continue
+                key = (index, int(local_id))
+                if key not in self._ids:
+                    self._ids[key] = self._next_id
+                    self._next_id += 1
+                out.append(TrackedDetection(self._ids[key], index, result.prompt, dets[int(det_index)]))
+        self._follow(out, size)
+        return sorted(out, key=lambda t: (t.prompt_index, t.track_id))
+
+    def _follow(self, tracked: list[TrackedDetection], size: tuple[int, int]) -> None:
+        """Re-anchor each positive exemplar box at the box of the track it follows (inside the
+        frame: a detection's box may reach past its edge)."""
+        height, width = size
+        for index, prompt in enumerate(self._current):
+            if not prompt.boxes:
+                continue
+            mine = [t for t in tracked if t.prompt_index == index]
+            anchors = self._anchors[index]
+            boxes = list(prompt.boxes)
+            for k, exemplar in enumerate(boxes):
+                if not exemplar.positive:
+                    continue
+                follow = anchors[k]
+                if follow is None and mine:  # bind to the track that best covers the drawn box
+                    best = max(mine, key=lambda t: _box_iou(t.box, exemplar.box))
+                    if _box_iou(best.box, exemplar.box) > 0:
+                        anchors[k] = follow = best.track_id
+                match = next((t for t in mine if t.track_id == follow), None)
+                if match is not None:
+                    x0, y0, x1, y1 = match.box
+                    x0, x1 = min(max(x0, 0.0), width - 1.0), min(max(x1, 1.0), float(width))
+                    y0, y1 = min(max(y0, 0.0), height - 1.0), min(max(y1, 1.0), float(height))
+                    if x1 > x0 and y1 > y0:
+                        boxes[k] = ExemplarBox((float(x0), float(y0), float(x1), float(y1)), True)
+            self._current[index] = replace(prompt, boxes=tuple(boxes))
