@@ -146,6 +146,9 @@ class VideoSource:
         try:
             container = av.open(self.url, format=self.input_format, options=self.options,
                                 timeout=(self.open_timeout_s, self.read_timeout_s))
+        except av.error.ExitError:  # the open timeout interrupted FFmpeg
+            self._finish("failed", f"cannot open the source: no answer within {self.open_timeout_s:g} s")
+            return
         except Exception as exc:  # noqa: BLE001 - every FFmpeg failure is a reason, not a crash
             self._finish("failed", f"cannot open the source: {_reason(exc)}")
             return
@@ -154,7 +157,10 @@ class VideoSource:
         except Exception as exc:  # noqa: BLE001
             if not self._stop.is_set():
                 log.info("video source %s failed: %s", self.url, _reason(exc))
-                self._finish("failed", f"decoding failed: {_reason(exc)}")
+                if isinstance(exc, av.error.ExitError):  # PyAV's read timeout interrupted FFmpeg
+                    self._finish("failed", f"stalled: no data for {self.read_timeout_s:g} s")
+                else:
+                    self._finish("failed", f"decoding failed: {_reason(exc)}")
         finally:
             container.close()
 

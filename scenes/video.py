@@ -174,7 +174,8 @@ def generate_video(seed: int, options: VideoOptions = VideoOptions()) -> MovingS
 
 
 def write_video(scene: MovingScene, path: Path) -> list[list[TruthObject]]:
-    """Encode ``scene`` as H.264 MP4 at ``path`` (atomically) and return its ground truth."""
+    """Encode ``scene`` as H.264 at ``path`` (atomically): MP4, or MPEG-TS for a ``.ts`` name
+    (streamable: readable from any point, as a broadcast is). Returns its ground truth."""
     import av  # only here: the scene renderer itself is numpy + OpenCV
 
     height, width = scene.size
@@ -182,7 +183,7 @@ def write_video(scene: MovingScene, path: Path) -> list[list[TruthObject]]:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     truth: list[list[TruthObject]] = []
     try:
-        with av.open(str(partial), "w", format="mp4") as container:
+        with av.open(str(partial), "w", format="mpegts" if path.suffix == ".ts" else "mp4") as container:
             stream = container.add_stream("libx264", rate=scene.options.fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             # One thread, no B-frame lookahead: the same bytes on every machine, frames out in order.

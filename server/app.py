@@ -36,6 +36,8 @@ from server.middleware import (
 from server.routes import api, probes, stage_calls
 from server.schemas import RequestLimits, request_models
 from server.service import SegmentService
+from server.stream_routes import streams_api
+from server.streams import StreamManager
 from server.settings import Settings
 from server.triton import triton_backend_options
 from server.worker import STATES, InferenceWorker, PipelineFactory
@@ -128,6 +130,7 @@ def create_app(
     )
     image_cache: EmbeddingCache[ImageEmbedding] = EmbeddingCache(settings.cache_bytes, lambda e: e.nbytes)
     service = SegmentService(settings, worker, image_cache, text_cache, metrics, ImageIds(load_secret(settings)))
+    streams = StreamManager(settings, service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -136,7 +139,8 @@ def create_app(
             yield
         finally:
             # uvicorn has already stopped accepting connections and waited for open requests;
-            # jobs still queued run to completion before the thread ends.
+            # streams stop first (their feeds end), then jobs still queued run to completion.
+            await streams.close()
             await worker.stop(settings.shutdown_timeout_s)
             service.cpu.close()
 
@@ -151,6 +155,7 @@ def create_app(
     app.state.requests = request_models(request_limits(settings))
     app.state.worker = worker
     app.state.service = service
+    app.state.streams = streams
     app.state.metrics = metrics
     app.state.api_keys = ApiKeys(settings)
 
@@ -164,11 +169,13 @@ def create_app(
             "text_cache": text_cache.stats(),
             "stage_calls": stage_calls(service),
             "admission": service.admission(),
+            "streams": [s.describe() for s in streams.streams.values()],
         }  # fmt: skip
 
     metrics.add_state_collector(snapshot)
     install_error_handler(app)
     app.include_router(api)
+    app.include_router(streams_api)
     app.include_router(probes)
     app.include_router(demo_router)
     app.add_middleware(
@@ -192,7 +199,10 @@ def create_app(
 
 
 # The operations an API key opens (server/auth.py), as /openapi.json lists them.
-_KEYED = {("/segment", "post"), ("/embed", "post"), ("/embeddings/{image_id}", "delete"), ("/info", "get")}
+_KEYED = {("/segment", "post"), ("/embed", "post"), ("/embeddings/{image_id}", "delete"), ("/info", "get"),
+          ("/streams", "post"), ("/streams", "get"), ("/streams/{stream_id}", "get"),
+          ("/streams/{stream_id}", "delete"), ("/streams/{stream_id}/events", "get"),
+          ("/streams/{stream_id}/mjpeg", "get")}
 
 
 def _document(app: FastAPI, settings: Settings, service: SegmentService) -> None:
@@ -208,7 +218,7 @@ def _document(app: FastAPI, settings: Settings, service: SegmentService) -> None
             schema = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
-            for path, name in (("/segment", "segment"), ("/embed", "embed")):
+            for path, name in (("/segment", "segment"), ("/embed", "embed"), ("/streams", "streams")):
                 schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": bodies[name]}
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
             keyed = set(_KEYED) | ({("/metrics", "get")} if settings.metrics_need_key else set())

@@ -103,6 +103,28 @@ class UntrustedHost(InvalidInput):
     code = "untrusted_host"
 
 
+class SourceNotAllowed(InvalidInput):
+    """A stream source the operator's settings do not allow (server/stream_sources.py)."""
+
+    code = "source_not_allowed"
+
+
+class InvalidSource(InvalidInput):
+    """A stream source that is malformed or names nothing that exists."""
+
+    code = "invalid_source"
+
+
+class StreamNotFound(InvalidInput):
+    code = "stream_not_found"
+
+
+class TooManyStreams(ServerError):
+    """SAM3_MAX_STREAMS live streams already (or streams are off)."""
+
+    code = "too_many_streams"
+
+
 # What the metrics record for a request whose client went away before it was answered (nginx's
 # 499): never counted as a server error.
 CLIENT_CLOSED = 499
@@ -131,6 +153,10 @@ HTTP_STATUS: dict[type[Sam3Error], int] = {
     DeadlineExceeded: 504,
     RequestTimeout: 408,
     UntrustedHost: 400,
+    SourceNotAllowed: 403,
+    InvalidSource: 422,
+    StreamNotFound: 404,
+    TooManyStreams: 429,
 }
 
 

@@ -85,6 +85,7 @@ class _StateCollector(Collector):
         yield _counter("sam3_text_cache_hits", "Text-embedding cache hits.", text["hits"])
         yield _counter("sam3_text_cache_misses", "Text-embedding cache misses.", text["misses"])
         yield _gauge("sam3_text_cache_entries", "Prompts in the text cache.", text["entries"])
+        yield from _stream_metrics(snap.get("streams", []))
         calls = CounterMetricFamily(
             "sam3_pipeline_stage_calls", "Pipeline stage invocations (engine runs).", labels=["stage"]
         )
@@ -99,3 +100,25 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=float(value))
+
+
+def _stream_metrics(streams: list[dict[str, Any]]) -> Iterable[Metric]:
+    """Per live stream (label ``stream``): processed FPS, frames processed and dropped, latency,
+    tracks alive. Finished streams drop out, so the label set stays bounded."""
+    live = [s for s in streams if s["state"] in ("starting", "running")]
+    fps = GaugeMetricFamily("sam3_stream_processed_fps", "Frames processed per second (last 5 s).", labels=["stream"])
+    processed = CounterMetricFamily("sam3_stream_frames_processed", "Frames segmented and tracked.", labels=["stream"])
+    dropped = CounterMetricFamily("sam3_stream_frames_dropped", "Decoded frames replaced before processing.",
+                                  labels=["stream"])
+    latency = GaugeMetricFamily("sam3_stream_latency_ms", "Frame decoded -> event ready, median of the last 100.",
+                                labels=["stream"])
+    tracks = GaugeMetricFamily("sam3_stream_tracks_alive", "Tracks in the last processed frame.", labels=["stream"])
+    for s in live:
+        stats = s["stats"]
+        fps.add_metric([s["id"]], float(stats["processed_fps"]))
+        processed.add_metric([s["id"]], float(stats["frames_processed"]))
+        dropped.add_metric([s["id"]], float(stats["frames_dropped"]))
+        latency.add_metric([s["id"]], float(stats["latency_ms_p50"] or 0.0))
+        tracks.add_metric([s["id"]], float(stats["tracks_alive"]))
+    yield _gauge("sam3_streams_live", "Streams starting or running.", len(live))
+    yield from (fps, processed, dropped, latency, tracks)

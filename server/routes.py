@@ -36,7 +36,7 @@ from server.worker import InferenceWorker
 
 STATIC_DIR = FilePath(__file__).parent / "static"
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "Malformed body",
@@ -71,7 +71,7 @@ def get_worker(request: Request) -> InferenceWorker[Any]:
     return worker
 
 
-api = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 probes = APIRouter()
 
 

@@ -113,6 +113,46 @@ class EmbedForm(_Strict):
     image: bytes = Field(..., description="The image file.")
 
 
+class StreamSourceIn(_Strict):
+    """Exactly one of ``file``, ``url`` or ``device``; the operator's settings say which may open."""
+
+    @staticmethod
+    def _schema(schema: dict[str, Any]) -> None:
+        # Absent or a string: null is no source (JSON Schema would otherwise let {"file": null}
+        # satisfy the "required" of the oneOf).
+        for prop in schema["properties"].values():
+            prop.update(next(b for b in prop.pop("anyOf") if b.get("type") != "null"))
+            prop.pop("default", None)
+        schema["oneOf"] = [{"required": ["file"]}, {"required": ["url"]}, {"required": ["device"]}]
+
+    model_config = ConfigDict(json_schema_extra=_schema)
+
+    file: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[^\x00/\\][^\x00]*$",
+                             description="A video file's name under SAM3_MEDIA_DIR.")
+    url: str | None = Field(None, max_length=2048, pattern=r"^(rtsp|rtsps|http|https)://[^\s/?#@]*@?[A-Za-z0-9.\-\[\]:]+(/\S*)?$",
+                            description="rtsp, rtsps, http or https, to a host in SAM3_STREAM_ALLOWED_HOSTS.")
+    device: str | None = Field(None, min_length=1, max_length=255, description="A capture device in SAM3_STREAM_DEVICES.")
+
+    def kind(self) -> tuple[str, str]:
+        given = [(k, v) for k, v in (("file", self.file), ("url", self.url), ("device", self.device)) if v is not None]
+        if len(given) != 1:
+            from server.errors import InvalidSource
+
+            raise InvalidSource("a source is exactly one of 'file', 'url' or 'device'")
+        return given[0]
+
+
+class StreamCreate(_Strict):
+    """POST /streams: a source and prompts (text, exemplar boxes drawn on the first frame, or
+    both); results come from GET /streams/{id}/events and /streams/{id}/mjpeg."""
+
+    source: StreamSourceIn
+    prompts: list[str | ExemplarEntry] = Field(..., description="One track set per prompt.")
+    max_fps: float | None = Field(None, gt=0, description="Frames processed per second at most (SAM3_STREAM_MAX_FPS caps it).")
+    score_threshold: float = Field(0.5, gt=0, le=THRESHOLD_MAX, description="A track starts at this score.")
+    mask_format: MaskFormat = Field("none", description="Masks in the events (none: boxes and scores only).")
+
+
 @dataclass(frozen=True)
 class RequestModels:
     """The request bodies of one server: the models above with its limits documented in them.
@@ -126,9 +166,10 @@ class RequestModels:
     segment_form: type[SegmentOptionsModel]
     embed_json: type[EmbedJSON]
     embed_form: type[EmbedForm]
+    stream_create: type[StreamCreate]
 
     def openapi(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-        """The ``requestBody`` content of POST /segment and /embed, and the component schemas
+        """The ``requestBody`` content of POST /segment, /embed and /streams, and the component schemas
         they refer to."""
         components: dict[str, Any] = {}
 
@@ -142,6 +183,7 @@ class RequestModels:
                         "application/json": {"schema": schema(self.segment_json)}},
             "embed": {"multipart/form-data": {"schema": schema(self.embed_form)},
                       "application/json": {"schema": schema(self.embed_json)}},
+            "streams": {"application/json": {"schema": schema(self.stream_create)}},
         }  # fmt: skip
         return bodies, components
 
@@ -242,7 +284,12 @@ def request_models(limits: RequestLimits) -> RequestModels:
         model_config = ConfigDict(title="EmbedForm")
         image: Annotated[bytes, file_part]
 
-    return RequestModels(limits, SegmentJSONBody, segment_form, EmbedJSONBody, EmbedFormBody)
+    class StreamCreateBody(StreamCreate):
+        __doc__ = StreamCreate.__doc__
+        model_config = ConfigDict(title="StreamCreate")
+        prompts: Prompts  # type: ignore[valid-type]
+
+    return RequestModels(limits, SegmentJSONBody, segment_form, EmbedJSONBody, EmbedFormBody, StreamCreateBody)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,3 +498,40 @@ class InfoResponse(_Response):
     limits: LimitsOut
     stage_calls: dict[str, int]
     manifest: ManifestOut | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Streams (server/streams.py)
+# --------------------------------------------------------------------------------------------
+class StreamSourceOut(_Response):
+    kind: Literal["file", "url", "device"]
+    value: str = Field(..., description="The file name, the URL without credentials, or the device.")
+
+
+class StreamStatsOut(_Response):
+    frames_decoded: int
+    frames_processed: int
+    frames_dropped: int = Field(..., description="Decoded frames replaced by newer ones before processing.")
+    frames_skipped: int = Field(..., description="Frames whose processing missed SAM3_REQUEST_TIMEOUT_S.")
+    processed_fps: float
+    latency_ms_p50: float | None = Field(..., description="Frame decoded -> event ready, last 100 frames.")
+    tracks_alive: int
+    last_frame: int
+    source_fps: float | None
+    subscribers: int = Field(..., description="Open event and overlay feeds.")
+
+
+class StreamOut(_Response):
+    id: str
+    state: Literal["starting", "running", "ended", "failed", "stopped"]
+    reason: str | None
+    source: StreamSourceOut
+    prompts: list[str]
+    max_fps: float
+    mask_format: MaskFormat
+    created_at: float
+    stats: StreamStatsOut
+
+
+class StreamList(_Response):
+    streams: list[StreamOut]

@@ -148,7 +148,7 @@ class SegmentService:
     def pipeline(self) -> Sam3Pipeline | None:
         return self.worker.pipeline
 
-    def _ready_pipeline(self) -> Sam3Pipeline:
+    def ready_pipeline(self) -> Sam3Pipeline:
         """The pipeline, or NotReady: asked once per operation, before any work is done for it."""
         pipeline = self.pipeline
         if pipeline is None or self.worker.state != "ready":
@@ -156,12 +156,12 @@ class SegmentService:
         return pipeline
 
     def image_key(self, namespace: str, image_id: str) -> ImageKey:
-        return (namespace, image_id, self._ready_pipeline().encoder_key)
+        return (namespace, image_id, self.ready_pipeline().encoder_key)
 
     # -- operations --------------------------------------------------------------------------
     async def embed(self, data: bytes, namespace: str = "") -> Embedded:
         """Encode (or find) an image's embedding."""
-        pipeline = self._ready_pipeline()
+        pipeline = self.ready_pipeline()
         encoded = await self._encode(pipeline, namespace, data, None, prompts=None, options=None)
         embedding = encoded.embedding
         return Embedded(encoded.image_id, embedding.image_size, cached=encoded.image_hit)
@@ -179,7 +179,7 @@ class SegmentService:
         t0 = time.perf_counter()
         # The pipeline's own checks and limits, here in the event loop: a bad request is refused
         # before it costs any work. Box bounds wait for the image; the job's segment checks them.
-        pipeline = self._ready_pipeline()
+        pipeline = self.ready_pipeline()
         checked = pipeline.check_prompts(prompts)
         options = pipeline.check_options(options)
         # Prompts x detections is bounded: each prompt keeps at most max_masks // prompts.

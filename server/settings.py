@@ -118,6 +118,19 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight work.")
     warmup: bool = Field(True, description="Run one dummy inference before reporting ready.")
 
+    # Live video (server/streams.py): a running stream holds one admission slot and its frames
+    # take turns with requests on the one inference worker.
+    max_streams: int = Field(2, ge=0, description="Live streams at once (0: POST /streams is off).")
+    stream_max_fps: float = Field(10.0, gt=0, description="Highest processed frame rate of a stream.")
+    media_dir: Path | None = Field(None, description="Directory whose video files streams may play (source.file).")
+    stream_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Hosts, IP addresses or CIDR ranges URL sources may reach (default none: no URLs)."
+    )
+    stream_devices: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Capture devices streams may open, e.g. /dev/video0 (default none)."
+    )
+    stream_timeout_s: float = Field(10.0, gt=0, description="A source silent this long fails (opening or stalled).")
+
     @model_validator(mode="after")
     def _triton_needs_url(self) -> "Settings":
         if self.backend == "triton" and not self.triton_url:
@@ -151,7 +164,7 @@ class Settings(BaseSettings):
             return tuple(v.lower() for v in _split_list(value))
         return value
 
-    @field_validator("cors_origins", "trusted_hosts", mode="before")
+    @field_validator("cors_origins", "trusted_hosts", "stream_allowed_hosts", "stream_devices", mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
         return _split_list(value) if isinstance(value, str) else value
