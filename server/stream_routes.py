@@ -46,8 +46,8 @@ async def start_stream(
     body: StreamCreate = models.stream_create.model_validate_json(await request.body())
     kind, value = body.source.kind()
     prompts = [p if isinstance(p, str) else exemplar_prompt(p, i) for i, p in enumerate(body.prompts)]
-    request = StreamRequest(kind, value, prompts, body.max_fps, body.score_threshold, body.mask_format)
-    return (await manager.start(request, namespace)).describe()
+    asked = StreamRequest(kind, value, prompts, body.max_fps, body.score_threshold, body.mask_format)
+    return (await manager.start(asked, namespace)).describe()
 
 
 @streams_api.get("/streams", response_model=StreamList, summary="This API key's streams")
