@@ -1,7 +1,8 @@
-"""``python -m clients``: segment | embed | health against a running server.
+"""``python -m clients``: segment | embed | stream | health against a running server.
 
     python -m clients segment http://127.0.0.1:8000 photo.jpg "a dog" "a ball" --out overlay.png
     python -m clients embed http://127.0.0.1:8000 photo.jpg
+    python -m clients stream http://127.0.0.1:8000 rtsp://cam1.lan/live "person" --out annotated.mp4
 
 Every failure is one line on stderr (``error: <what>``) and a non-zero exit: 2 usage/input
 (bad file, bad option), 3 server unreachable or timed out, 1 the server refused (4xx/5xx).
@@ -57,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(emb)
     emb.add_argument("image", help="image file")
     emb.set_defaults(func=cmd_embed)
+
+    stream = sub.add_parser("stream", help="segment and track a video source on the server; print or record it")
+    common(stream)
+    stream.add_argument("source", help="rtsp/rtsps/http(s) URL, /dev/videoN, or a file name under the server's "
+                                       "SAM3_MEDIA_DIR")
+    stream.add_argument("prompts", nargs="*", help="text prompts; with --box at most one, which the boxes join")
+    stream.add_argument("--box", action="append", type=_box, default=[], metavar="x0,y0,x1,y1",
+                        help="exemplar box on the first frame: track everything like it (repeatable)")
+    stream.add_argument("--negative-box", action="append", type=_box, default=[], metavar="x0,y0,x1,y1",
+                        help=argparse.SUPPRESS)
+    stream.add_argument("--max-fps", type=float, default=None, help="frames processed per second at most")
+    stream.add_argument("--score-threshold", type=float, default=None)
+    stream.add_argument("--frames", type=int, default=None, help="stop after this many processed frames")
+    stream.add_argument("--json", dest="json_out", default=None, help="write every event here, one JSON per line")
+    stream.add_argument("--out", default=None, help="record the server's overlay to this .mp4 (needs PyAV)")
+    stream.set_defaults(func=cmd_stream)
 
     health = sub.add_parser("health", help="is the server up and ready?")
     common(health)
@@ -143,6 +160,94 @@ def cmd_embed(args: argparse.Namespace) -> int:
     width, height = response.image_size
     print(f"{response.image_id} {width}x{height} {'already cached' if response.cached else 'embedded'}")
     return EXIT_OK
+
+
+def _source(text: str) -> dict[str, str]:
+    if "://" in text:
+        return {"url": text}
+    if text.startswith("/dev/"):
+        return {"device": text}
+    return {"file": text}
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    if args.out is not None and not args.out.lower().endswith(".mp4"):
+        raise UsageError(f"--out must name a .mp4 file, got {args.out!r}")
+    if args.frames is not None and args.frames < 1:
+        raise UsageError("--frames must be >= 1")
+    prompts = _prompts(args)
+    with _client(args) as client:
+        stream = client.start_stream(_source(args.source), prompts, max_fps=args.max_fps,
+                                     score_threshold=args.score_threshold)
+        print(f"stream {stream['id']} {stream['state']}: {stream['source']['value']} "
+              f"(at most {stream['max_fps']:g} FPS); Ctrl-C stops it", flush=True)
+        try:
+            if args.out:
+                count = _record(client, stream["id"], args.out, args.frames)
+                print(f"wrote {count} frames to {args.out}")
+            else:
+                _print_events(client, stream["id"], args.frames, args.json_out)
+        except KeyboardInterrupt:
+            pass
+        final = client.stop_stream(stream["id"])
+    stats = final["stats"]
+    print(f"{final['state']}{': ' + final['reason'] if final['reason'] else ''}; {stats['frames_processed']} frames "
+          f"processed, {stats['frames_dropped']} dropped")
+    return EXIT_OK if final["state"] != "failed" else EXIT_API
+
+
+def _print_events(client: Sam3Client, stream_id: str, limit: int | None, json_out: str | None) -> None:
+    sink = open(json_out, "w", encoding="utf-8") if json_out else None
+    try:
+        seen = 0
+        for kind, event in client.stream_events(stream_id):
+            if kind != "frame":
+                break
+            if sink:
+                sink.write(json.dumps(event) + "\n")
+            tracks = "  ".join(f"#{t['track_id']} {t['prompt']} {t['score']:.2f}" for t in event["tracks"])
+            print(f"frame {event['frame']:5d} t={event['timestamp_s']:7.2f}s {event['latency_ms']:6.1f} ms  "
+                  f"{tracks or '-'}", flush=True)
+            seen += 1
+            if limit is not None and seen >= limit:
+                break
+    finally:
+        if sink:
+            sink.close()
+
+
+def _record(client: Sam3Client, stream_id: str, path: str, limit: int | None) -> int:
+    try:
+        import av
+    except ImportError:
+        raise UsageError("--out needs PyAV (pip install av)") from None
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with av.open(path, "w", format="mp4") as container:
+        video = None
+        for jpeg in client.stream_overlay(stream_id):
+            frame = Image.open(io.BytesIO(jpeg)).convert("RGB")
+            if video is None:
+                video = container.add_stream("libx264", rate=int(client.stream(stream_id)["max_fps"]) or 10)
+                video.width, video.height, video.pix_fmt = frame.width // 2 * 2, frame.height // 2 * 2, "yuv420p"
+            if (frame.width // 2 * 2, frame.height // 2 * 2) != (video.width, video.height):
+                continue  # the source changed size; the file keeps its first one
+            pixels = np.asarray(frame.crop((0, 0, video.width, video.height)))
+            picture = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            for packet in video.encode(picture):
+                container.mux(packet)
+            count += 1
+            if limit is not None and count >= limit:
+                break
+        if video is not None:
+            for packet in video.encode():
+                container.mux(packet)
+    return count
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -9,16 +9,18 @@ surfaces as :class:`~clients.errors.RateLimited` instead of a hang.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
 from typing_extensions import Self
 
-from clients.errors import ApiError, RequestTimeout, ServerUnreachable
+from clients.errors import ApiError, InvalidResponse, RequestTimeout, ServerUnreachable
 from clients.results import EmbedResponse, Health, SegmentResponse
 from clients.wire import (
     Exemplar,
@@ -28,6 +30,7 @@ from clients.wire import (
     image_payload,
     json_body,
     json_document,
+    raise_for_error,
     retry_after_seconds,
 )
 
@@ -140,6 +143,71 @@ class Sam3Client:
 
     def info(self) -> dict[str, Any]:
         return self._request("GET", "/info")
+
+    # ------------------------------------------------------------------ streams
+
+    def start_stream(self, source: dict[str, str], prompts: Sequence[Prompt] | Prompt, **options: Any) -> dict[str, Any]:
+        """POST /streams: ``source`` is ``{"file": name}``, ``{"url": url}`` or ``{"device": path}``;
+        boxes in ``prompts`` are drawn on the first frame. Returns the stream's description."""
+        listed = [prompts] if isinstance(prompts, (str, Exemplar)) else list(prompts)
+        body = {"source": source, "prompts": [p if isinstance(p, str) else p.to_json() for p in listed],
+                **{k: v for k, v in options.items() if v is not None}}
+        return self._request("POST", "/streams", json=body, retry=False)
+
+    def stream(self, stream_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/streams/{stream_id}")
+
+    def stop_stream(self, stream_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/streams/{stream_id}", retry=False)
+
+    def stream_events(self, stream_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``("frame", event)`` per processed frame, then ``("end", {"state", "reason"})``:
+        the Server-Sent Events of GET /streams/{id}/events (heartbeats skipped)."""
+        with self._open_feed(f"/streams/{stream_id}/events") as response:
+            kind = "message"
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    yield kind, json.loads(line[5:])
+                    if kind == "end":
+                        return
+
+    def stream_overlay(self, stream_id: str) -> Iterator[bytes]:
+        """The JPEG of each processed frame with its tracks drawn (GET /streams/{id}/mjpeg)."""
+        with self._open_feed(f"/streams/{stream_id}/mjpeg") as response:
+            buffer = b""
+            for chunk in response.iter_bytes():
+                buffer += chunk
+                while True:
+                    head_end = buffer.find(b"\r\n\r\n")
+                    if head_end < 0:
+                        break
+                    headers = buffer[:head_end].decode("latin-1").lower()
+                    length = next((int(h.split(":", 1)[1]) for h in headers.split("\r\n")
+                                   if h.startswith("content-length:")), None)
+                    if length is None:
+                        raise InvalidResponse("an MJPEG part without Content-Length")
+                    if len(buffer) < head_end + 4 + length:
+                        break
+                    yield buffer[head_end + 4: head_end + 4 + length]
+                    buffer = buffer[head_end + 4 + length:].lstrip(b"\r\n")
+
+    @contextlib.contextmanager
+    def _open_feed(self, path: str) -> Iterator[httpx.Response]:
+        # A feed is quiet between frames (heartbeats every 15 s): no read deadline shorter than that.
+        timeout = httpx.Timeout(self._http.timeout.connect, read=max(60.0, self._http.timeout.read or 0.0))
+        url = f"{self.base_url}{path}"
+        try:
+            with self._http.stream("GET", path, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise_for_error(response)
+                yield response
+        except httpx.ConnectError as exc:
+            raise ServerUnreachable(f"cannot connect to {url}: {_reason(exc)} (is the server running?)") from None
+        except httpx.TimeoutException:
+            raise RequestTimeout(f"GET {url}: no data for {timeout.read} s") from None
 
     # ------------------------------------------------------------------ plumbing
 

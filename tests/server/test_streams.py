@@ -19,7 +19,7 @@ import pytest
 from scenes.video import VideoOptions, generate_video, write_video
 from tests.server.conftest import SERVER_ENV, ServerProcess
 
-pytest.importorskip("av")
+av = pytest.importorskip("av")
 pytest.importorskip("trackers")
 
 
@@ -283,3 +283,34 @@ def test_unknown_ids_are_404_and_malformed_ones_422(api: httpx.Client) -> None:
     assert api.get(f"/streams/{stream['id']}").status_code == 200
     assert api.get("/streams/0123456789abcdef").status_code == 404
     assert api.get("/streams/not-an-id").status_code == 422
+
+
+def test_the_client_prints_events_and_stops_the_stream(stream_server: ServerProcess, api: httpx.Client,
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from clients.__main__ import main
+
+    events = tmp_path / "events.jsonl"
+    assert main(["stream", stream_server.url, "long.mp4", "red circle", "--frames", "3", "--json", str(events)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("stream ") and out.count("\nframe ") == 3 and "stopped: stopped by request" in out
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert len(lines) == 3 and all("tracks" in line for line in lines)
+    assert all(s["state"] != "running" for s in api.get("/streams").json()["streams"])
+
+
+def test_the_client_records_the_overlay(stream_server: ServerProcess, tmp_path: Path) -> None:
+    from clients.__main__ import main
+
+    video = tmp_path / "annotated.mp4"
+    assert main(["stream", stream_server.url, "long.mp4", "--box", "10,10,80,80", "--frames", "4",
+                 "--out", str(video)]) == 0
+    with av.open(str(video)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 4 and (frames[0].width, frames[0].height) == (320, 240)
+
+
+def test_the_client_reports_a_refused_source(stream_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    from clients.__main__ import main
+
+    assert main(["stream", stream_server.url, "http://10.9.9.9/cam", "person"]) == 1
+    assert "source_not_allowed" in capsys.readouterr().err
