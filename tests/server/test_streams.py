@@ -314,3 +314,33 @@ def test_the_client_reports_a_refused_source(stream_server: ServerProcess, capsy
 
     assert main(["stream", stream_server.url, "http://10.9.9.9/cam", "person"]) == 1
     assert "source_not_allowed" in capsys.readouterr().err
+
+
+def test_the_demo_page_shows_a_live_overlay_and_stops_it(stream_server: ServerProcess, api: httpx.Client) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright==1.65.2")
+    from tests.server.test_demo_browser import ARGS, CHROMIUM
+
+    if not (Path(CHROMIUM).exists()):
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(stream_server.url + "/")
+            page.fill("#streamsource", "long.mp4")
+            page.fill("#streamprompts", "red circle, square")
+            page.click("#streamstart")
+            # Frames keep arriving: the overlay image is replaced several times.
+            page.wait_for_function("Number(document.getElementById('streamview').dataset.frames || 0) >= 3",
+                                   timeout=20_000)
+            size = page.eval_on_selector("#streamview", "img => [img.naturalWidth, img.naturalHeight]")
+            assert size == [320, 240]
+            page.wait_for_function("document.getElementById('streamstatus').textContent.startsWith('running')",
+                                   timeout=10_000)
+            stream_id = page.eval_on_selector("#streamview", "img => img.dataset.stream")
+            page.click("#streamstop")
+            page.wait_for_function("document.getElementById('streamstatus').textContent.startsWith('stopped')",
+                                   timeout=10_000)
+        finally:
+            browser.close()
+    assert api.get(f"/streams/{stream_id}").status_code == 404  # stopped and forgotten
