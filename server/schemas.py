@@ -129,8 +129,13 @@ class StreamSourceIn(_Strict):
 
     file: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[^\x00/\\][^\x00]*$",
                              description="A video file's name under SAM3_MEDIA_DIR.")
-    url: str | None = Field(None, max_length=2048, pattern=r"^(rtsp|rtsps|http|https)://[^\s/?#@]*@?[A-Za-z0-9.\-\[\]:]+(/\S*)?$",
-                            description="rtsp, rtsps, http or https, to a host in SAM3_STREAM_ALLOWED_HOSTS.")
+    # Credentials, a host name or IPv4 address (an IPv6 camera is listed and reached by name), a
+    # port that exists: what urllib parses, so a URL the schema allows is never "malformed".
+    url: str | None = Field(
+        None, max_length=2048,
+        pattern=r"^(rtsp|rtsps|http|https)://([^\s/?#@\[\]]*@)?[A-Za-z0-9.\-]+"
+                r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?([/?#]\S*)?$",
+        description="rtsp, rtsps, http or https, to a host in SAM3_STREAM_ALLOWED_HOSTS.")
     device: str | None = Field(None, min_length=1, max_length=255, description="A capture device in SAM3_STREAM_DEVICES.")
 
     def kind(self) -> tuple[str, str]:
