@@ -267,8 +267,12 @@ def cmd_tracking(args: argparse.Namespace) -> dict[str, Any]:
                                      low_threshold=min(0.1, args.score_threshold))
     try:
         accuracy = [tracking.evaluate_tracking(pipeline, videos, mode, config) for mode in args.modes]
-        throughput = [tracking.stream_throughput(pipeline, videos[0], n, args.stream_seconds, config)
-                      for n in args.streams]
+        throughput = []
+        if args.streams:  # one video as long as the run, so no source ends early
+            long = VideoOptions(frames=max(2, int(args.stream_seconds * options.fps)))
+            (clip,) = write_video_set(target / "throughput", 1, seed=args.video_seed + 1000, options=long)
+            throughput = [tracking.stream_throughput(pipeline, clip, n, args.stream_seconds, config)
+                          for n in args.streams]
         backend = {"kind": pipeline.backend.kind, "precision": pipeline.backend.precision}
     finally:
         pipeline.close()
