@@ -182,8 +182,7 @@ class SegmentService:
         pipeline = self.ready_pipeline()
         checked = pipeline.check_prompts(prompts)
         options = pipeline.check_options(options)
-        # Prompts x detections is bounded: each prompt keeps at most max_masks // prompts.
-        share = max(1, self.settings.max_masks // len(checked))
+        share = self.detection_share(len(checked))
         if options.max_detections is None or options.max_detections > share:
             options = replace(options, max_detections=share)
         encoded = await self._encode(pipeline, namespace, data, image_id, prompts=checked, options=options)
@@ -207,6 +206,11 @@ class SegmentService:
             timings_ms=response,
             model=self.model_identity(),
         )
+
+    def detection_share(self, prompt_count: int) -> int:
+        """Detections each of ``prompt_count`` prompts may keep in one answer (a request, or one
+        frame of a stream): prompts x detections, so the masks held, is bounded by SAM3_MAX_MASKS."""
+        return max(1, self.settings.max_masks // prompt_count)
 
     def admission(self) -> dict[str, int]:
         """Requests and decoded images in progress, against their capacities (/info, /metrics)."""

@@ -208,7 +208,8 @@ class StreamManager:
         tracker = TrackerOptions(score_threshold=request.score_threshold,
                                  low_threshold=min(TrackerOptions.low_threshold, request.score_threshold))
         session = StreamSession(list(checked.items), frame_rate=max_fps, tracker=tracker,
-                                max_detections=settings.max_detections,
+                                max_detections=min(settings.max_detections,
+                                                   self.service.detection_share(len(checked.items))),
                                 with_masks=True)  # the overlay tints masks even when events carry none
         slot = self.service.admit()  # one admission slot for the stream's life (429 when full)
         await slot.__aenter__()
