@@ -195,16 +195,23 @@ class StreamManager:
     def list(self, namespace: str) -> list[LiveStream]:
         return [s for s in self.streams.values() if s.namespace == namespace]
 
-    async def start(self, request: StreamRequest, namespace: str) -> LiveStream:
+    def _check_room(self) -> None:
         settings = self.settings
         if settings.max_streams == 0:
             raise TooManyStreams("streams are off on this server (SAM3_MAX_STREAMS=0)")
         if len(self.live) >= settings.max_streams:
             raise TooManyStreams(f"{settings.max_streams} streams are running (SAM3_MAX_STREAMS); stop one first")
+
+    async def start(self, request: StreamRequest, namespace: str) -> LiveStream:
+        settings = self.settings
+        self._check_room()
         pipeline = self.service.ready_pipeline()
         checked = pipeline.check_prompts(list(request.prompts))  # box bounds: on the first frame
         max_fps = min(request.max_fps or settings.stream_max_fps, settings.stream_max_fps)
-        spec = resolve_source(request.source_kind, request.source, settings)
+        # A URL's host is resolved to check it: DNS may take seconds, so not on the event loop.
+        spec = await asyncio.get_running_loop().run_in_executor(
+            None, resolve_source, request.source_kind, request.source, settings)
+        self._check_room()  # again: another start may have taken the room meanwhile
         tracker = TrackerOptions(score_threshold=request.score_threshold,
                                  low_threshold=min(TrackerOptions.low_threshold, request.score_threshold))
         session = StreamSession(list(checked.items), frame_rate=max_fps, tracker=tracker,
