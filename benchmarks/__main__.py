@@ -263,8 +263,7 @@ def cmd_tracking(args: argparse.Namespace) -> dict[str, Any]:
     options = VideoOptions(frames=args.frames)
     videos = write_video_set(target, args.videos, seed=args.video_seed, options=options)
     pipeline = Sam3Pipeline.from_bundle(args.bundle, args.backend)
-    config = tracking.TrackingConfig(score_threshold=args.score_threshold,
-                                     low_threshold=min(0.1, args.score_threshold))
+    config = tracking.TrackingConfig.starting_at(args.score_threshold)
     try:
         accuracy = [tracking.evaluate_tracking(pipeline, videos, mode, config) for mode in args.modes]
         throughput = []

@@ -25,6 +25,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from engines.bundle import write_atomic
 from scenes.generator import (
     BASE_SHAPES,
     COLOUR_JITTER,
@@ -219,9 +220,6 @@ def write_video_set(directory: Path, count: int, seed: int, options: VideoOption
         scene = generate_video(seed + k, options)
         video = directory / f"{k:03d}.mp4"
         truth = write_video(scene, video)
-        text = json.dumps(truth_document(scene, truth), indent=1) + "\n"
-        partial = directory / f".{k:03d}.json.partial"
-        partial.write_text(text)
-        os.replace(partial, directory / f"{k:03d}.json")
+        write_atomic(directory / f"{k:03d}.json", (json.dumps(truth_document(scene, truth), indent=1) + "\n").encode())
         paths.append(video)
     return paths

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json, create_model, field_val
 
 from engines.options import MIN_DETECTIONS, THRESHOLD_MAX, THRESHOLD_MIN
 from engines.tokenizer import INVISIBLE_CHARS, REJECTED_CHARS
+from server.errors import InvalidSource
 from server.image_ids import ID_PATTERN
 
 MaskFormat = Literal["rle", "png", "polygon", "none"]
@@ -141,8 +142,6 @@ class StreamSourceIn(_Strict):
     def kind(self) -> tuple[str, str]:
         given = [(k, v) for k, v in (("file", self.file), ("url", self.url), ("device", self.device)) if v is not None]
         if len(given) != 1:
-            from server.errors import InvalidSource
-
             raise InvalidSource("a source is exactly one of 'file', 'url' or 'device'")
         return given[0]
 

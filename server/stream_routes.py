@@ -21,6 +21,8 @@ from server.streams import LiveStream, StreamManager, StreamRequest, feed_items
 
 STREAM_ID = r"^[0-9a-f]{16}$"
 BOUNDARY = "frame"
+# A feed is read as it is written: no caching, no proxy buffering (nginx honours X-Accel-Buffering).
+FEED_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def get_streams(request: Request) -> StreamManager:
@@ -86,7 +88,7 @@ async def stream_events(
 ) -> StreamingResponse:
     stream = manager.get(stream_id, namespace)
     return StreamingResponse(_sse(stream), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers=FEED_HEADERS)
 
 
 @streams_api.get(
@@ -102,7 +104,7 @@ async def stream_mjpeg(
 ) -> StreamingResponse:
     stream = manager.get(stream_id, namespace)
     return StreamingResponse(_mjpeg(stream), media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers=FEED_HEADERS)
 
 
 async def _sse(stream: LiveStream) -> AsyncIterator[bytes]:

@@ -212,9 +212,8 @@ class StreamManager:
         spec = await asyncio.get_running_loop().run_in_executor(
             None, resolve_source, request.source_kind, request.source, settings)
         self._check_room()  # again: another start may have taken the room meanwhile
-        tracker = TrackerOptions(score_threshold=request.score_threshold,
-                                 low_threshold=min(TrackerOptions.low_threshold, request.score_threshold))
-        session = StreamSession(list(checked.items), frame_rate=max_fps, tracker=tracker,
+        session = StreamSession(list(checked.items), frame_rate=max_fps,
+                                tracker=TrackerOptions.starting_at(request.score_threshold),
                                 max_detections=min(settings.max_detections,
                                                    self.service.detection_share(len(checked.items))),
                                 with_masks=True)  # the overlay tints masks even when events carry none
