@@ -71,6 +71,8 @@ train: venv
 		--hard-negatives 0.7 --presence-gated-cls --presence-weight 8 --device $(DEVICE)
 	$(TRAIN) exemplars --base $(SHAPES_MODEL) --steps 2800 --lr 3e-4 --exemplar-share 0.3 --aux-copies 1 --seed 13 \
 		--hard-negatives 0.7 --train-text-projection --presence-gated-cls --presence-weight 8 --device $(DEVICE)
+	$(TRAIN) exemplars --base $(SHAPES_MODEL) --steps 2800 --lr 3e-4 --exemplar-share 0.3 --aux-copies 1 --seed 14 \
+		--hard-negatives 0.7 --train-text-projection --presence-gated-cls --presence-weight 8 --device $(DEVICE)
 
 train-lora: venv
 	$(TRAIN) lora --base $(SHAPES_MODEL) --out $(STAR_LORA) --hard-negatives 0.7 --presence-gated-cls --threads 1 \
