@@ -38,7 +38,7 @@ def cmd_exemplars(args: argparse.Namespace) -> int:
                        prompts_per_image=args.prompts, images_per_step=args.images,
                        train_text_projection=args.train_text_projection,
                        presence_gated_cls=args.presence_gated_cls, presence_weight=args.presence_weight,
-                       device=device_from(args))
+                       colour_distractor_share=args.colour_distractors, device=device_from(args))
     return 0
 
 
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no query classification loss on absent prompts (Meta's SAM3 objective: presence decides)")
     ex.add_argument("--presence-weight", type=float, default=2.0,
                     help="weight of the presence token's loss (2: as the base run)")
+    ex.add_argument("--colour-distractors", type=float, default=0.0,
+                    help="share of the unknown-word prompts that pair a known colour with an unknown word "
+                         "('blue hexagon')")
     ex.add_argument("--seed", type=int, default=2)
     ex.add_argument("--resume", action="store_true")
     ex.add_argument("--threads", type=int, default=1)

@@ -37,6 +37,8 @@ DISTRACTORS = (
     "white", "black", "grey", "pink", "brown", "cyan",
 )
 DISTRACTOR_SHARE = 0.2  # of absent prompts
+# Words of the list that name no colour: what a known colour may be paired with ("blue hexagon").
+UNKNOWN_NOUNS = tuple(w for w in DISTRACTORS if w not in ("white", "black", "grey", "pink", "brown", "cyan"))
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class DataOptions:
     # Share of absent prompts drawn from the image's near misses (see ``hard_negatives``): the
     # mistake the model makes is answering "blue circle" with a red circle, so show it that often.
     hard_negative_share: float = 0.0
+    # Share of the distractor prompts that pair a known colour with an unknown word ("blue
+    # hexagon", "red car"): whole unknown words alone never teach that a known colour is not
+    # enough, and the model answered "blue star" with blue objects.
+    colour_distractor_share: float = 0.0
 
 
 @dataclass
@@ -115,8 +121,17 @@ def hard_negatives(scene: Scene, shapes: Sequence[str]) -> list[str]:
     return [p for p in vocabulary(shapes) if p in near and p not in present]
 
 
+def distractor(rng: np.random.Generator, shapes: Sequence[str], colour_share: float = 0.0) -> str:
+    """An absent prompt outside the vocabulary; with ``colour_share``, a known colour + unknown word."""
+    if colour_share and rng.random() < colour_share:  # no draw otherwise: earlier runs keep their batches
+        nouns = [w for w in UNKNOWN_NOUNS if w not in shapes]
+        return f"{rng.choice(list(COLOURS))} {rng.choice(nouns)}"
+    return str(rng.choice(DISTRACTORS))
+
+
 def sample_prompts(scene: Scene, rng: np.random.Generator, count: int, shapes: Sequence[str],
-                   present_share: float, hard_negative_share: float = 0.0) -> list[str]:
+                   present_share: float, hard_negative_share: float = 0.0,
+                   colour_distractor_share: float = 0.0) -> list[str]:
     vocab = vocabulary(shapes)
     present = sorted({obj.category for obj in scene.objects} | {obj.shape for obj in scene.objects})
     absent = [p for p in vocab if p not in present]
@@ -134,14 +149,14 @@ def sample_prompts(scene: Scene, rng: np.random.Generator, count: int, shapes: S
             absent.remove(prompt)
             chosen.append(prompt)
         elif rng.random() < DISTRACTOR_SHARE:
-            chosen.append(str(rng.choice(DISTRACTORS)))
+            chosen.append(distractor(rng, shapes, colour_distractor_share))
         elif absent:
             prompt = absent.pop()
             if prompt in hard:
                 hard.remove(prompt)
             chosen.append(prompt)
         else:
-            chosen.append(str(rng.choice(DISTRACTORS)))
+            chosen.append(distractor(rng, shapes, colour_distractor_share))
     return chosen
 
 
@@ -159,7 +174,7 @@ def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> B
         small = [cv2.resize(obj.mask.astype(np.float32), (options.mask_size, options.mask_size),
                             interpolation=cv2.INTER_AREA) for obj in scene.objects]
         for prompt in sample_prompts(scene, rng, options.prompts_per_image, options.shapes, options.present_share,
-                                     options.hard_negative_share):
+                                     options.hard_negative_share, options.colour_distractor_share):
             hits = scene.matching(prompt)
             exemplar = None
             if options.exemplar_share and hits and rng.random() < options.exemplar_share:

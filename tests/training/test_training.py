@@ -322,6 +322,29 @@ def test_hard_negatives_are_absent_prompts_one_word_from_an_object() -> None:
         assert set(chosen) - present <= set(hard)
 
 
+def test_colour_distractors_pair_a_known_colour_with_an_unknown_word() -> None:
+    """Opt-in: with a share of 0 the prompts are drawn exactly as before (earlier stages reproduce);
+    with 1 every unknown-word prompt is "<known colour> <unknown word>", never a vocabulary prompt."""
+    import numpy as np
+
+    from scenes.generator import BASE_SHAPES, COLOURS, generate_scene, vocabulary
+    from training.data import DISTRACTORS, UNKNOWN_NOUNS, sample_prompts, scene_seed
+
+    vocab = set(vocabulary(BASE_SHAPES))
+    paired = []
+    for index in range(30):
+        scene = generate_scene(scene_seed(0, 0, index, 30))
+        plain = sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.3, 0.5)
+        assert plain == sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.3, 0.5, 0.0)
+        coloured = sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.3, 0.5, 1.0)
+        assert not set(coloured) & set(DISTRACTORS)
+        paired += [p for p in coloured if p not in vocab]
+    assert len(paired) >= 5
+    for prompt in paired:
+        colour, noun = prompt.split(" ", 1)
+        assert colour in COLOURS and noun in UNKNOWN_NOUNS and noun not in BASE_SHAPES
+
+
 def test_several_workers_deliver_the_steps_in_order(tmp_path) -> None:
     from training.data import BatchStream
 
