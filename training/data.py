@@ -59,7 +59,7 @@ class DataOptions:
     hard_negative_share: float = 0.0
     # Share of the distractor prompts that pair a known colour with an unknown word ("blue
     # hexagon", "red car"): whole unknown words alone never teach that a known colour is not
-    # enough, and the model answered "blue star" with blue objects.
+    # enough ("blue star", never trained on, gets answers).
     colour_distractor_share: float = 0.0
 
 
