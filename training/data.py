@@ -26,19 +26,18 @@ from engines.types import BOX_ONLY_TEXT  # "visual": what Meta's model is told f
 from scenes.generator import BASE_SHAPES, COLOURS, Scene, SceneOptions, generate_scene, vocabulary
 from training.losses import PaddedTargets, Targets
 
-# Everyday words a user may type: never drawn, so the model must answer nothing for them.
-DISTRACTORS = (
+# Everyday words a user may type: never drawn, so the model must answer nothing for them. The
+# nouns are also what a known colour may be paired with ("blue hexagon").
+UNKNOWN_NOUNS = (
     "person", "man", "woman", "child", "face", "hand", "dog", "cat", "bird", "horse", "car", "truck",
     "bus", "bicycle", "boat", "plane", "train", "tree", "flower", "grass", "house", "building", "road",
     "window", "door", "chair", "table", "bed", "cup", "bottle", "book", "phone", "laptop", "keyboard",
     "shoe", "hat", "ball", "box", "bag", "clock", "lamp", "sky", "cloud", "water", "rock", "sign",
     "apple", "banana", "pizza", "cake", "line", "text", "logo", "background", "shadow", "wall",
     "rectangle", "oval", "hexagon", "heart", "arrow", "cross", "diamond", "ring", "dot", "stripe",
-    "white", "black", "grey", "pink", "brown", "cyan",
 )
+DISTRACTORS = UNKNOWN_NOUNS + ("white", "black", "grey", "pink", "brown", "cyan")  # order kept: seeded draws
 DISTRACTOR_SHARE = 0.2  # of absent prompts
-# Words of the list that name no colour: what a known colour may be paired with ("blue hexagon").
-UNKNOWN_NOUNS = tuple(w for w in DISTRACTORS if w not in ("white", "black", "grey", "pink", "brown", "cyan"))
 
 
 @dataclass(frozen=True)

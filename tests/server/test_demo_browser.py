@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,15 +65,19 @@ def test_demo_page_draws_detections_and_reuses_image_id(browser, server, tmp_pat
     page.close()
 
 
-def _scene_with(category: str, absent: str) -> int:
+def _first_seed(wanted: Callable[[list[str]], bool]) -> int:
+    """The first sample scene (seed >= 1000, the page's own generator) whose kinds of object are
+    ``wanted``: chosen by what the scene holds, never by how the model does on it."""
     from scenes.generator import generate_scene
 
-    for seed in range(1000, 2000):
-        scene = generate_scene(seed)
-        kinds = [o.category for o in scene.objects]
-        if kinds.count(category) == 2 and absent not in kinds and len(kinds) >= 3:
+    for seed in range(1000, 5000):
+        if wanted([o.category for o in generate_scene(seed).objects]):
             return seed
     raise AssertionError("no such scene")
+
+
+def _scene_with(category: str, absent: str) -> int:
+    return _first_seed(lambda kinds: kinds.count(category) == 2 and absent not in kinds and len(kinds) >= 3)
 
 
 @contextmanager
@@ -120,19 +124,12 @@ def test_trained_demo_page_offers_its_vocabulary_and_sample_scenes(browser, shap
                                timeout=30_000)
 
 
-def _first_sample_seed_with_red_circles() -> int:
-    """The first sample scene (seed >= 1000, the page's own generator) that holds red circles
-    beside what a wrong reading of the words would take: a circle of another colour and another
-    red shape. Not chosen by how the model does on it."""
-    from scenes.generator import generate_scene
-
-    for seed in range(1000, 5000):
-        kinds = [o.category for o in generate_scene(seed).objects]
-        others = [k for k in kinds if k != "red circle"]
-        if ("red circle" in kinds and any(k.endswith(" circle") for k in others)
-                and any(k.startswith("red ") for k in others)):
-            return seed
-    raise AssertionError("no such scene")
+def _red_circles_beside_look_alikes(kinds: list[str]) -> bool:
+    """Red circles beside what a wrong reading of the words would take: a circle of another
+    colour and another red shape."""
+    others = [k for k in kinds if k != "red circle"]
+    return ("red circle" in kinds and any(k.endswith(" circle") for k in others)
+            and any(k.startswith("red ") for k in others))
 
 
 def test_trained_demo_page_red_circle_on_a_sample_scene(browser, shapes_bundle, tmp_path) -> None:
@@ -141,7 +138,7 @@ def test_trained_demo_page_red_circle_on_a_sample_scene(browser, shapes_bundle, 
     red shapes); "person" and "blue star" (words the model was not taught) find nothing."""
     from scenes.generator import generate_scene
 
-    seed = _first_sample_seed_with_red_circles()
+    seed = _first_seed(_red_circles_beside_look_alikes)
     scene = generate_scene(seed)
     with _trained_demo_page(browser, shapes_bundle, scene, tmp_path) as (page, _):
         page.evaluate(f"Math.random = () => {(seed + 0.5) / 1e9!r}")  # the page draws the sample's seed
