@@ -38,7 +38,8 @@ def cmd_exemplars(args: argparse.Namespace) -> int:
                        prompts_per_image=args.prompts, images_per_step=args.images,
                        train_text_projection=args.train_text_projection,
                        presence_gated_cls=args.presence_gated_cls, presence_weight=args.presence_weight,
-                       colour_distractor_share=args.colour_distractors, device=device_from(args))
+                       colour_distractor_share=args.colour_distractors,
+                       shape_prompt_share=args.shape_prompts, device=device_from(args))
     return 0
 
 
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--colour-distractors", type=float, default=0.0,
                     help="share of the unknown-word prompts that pair a known colour with an unknown word "
                          "('blue hexagon')")
+    ex.add_argument("--shape-prompts", type=float, default=0.0,
+                    help="share of present prompts that name a shape alone, the one with the most objects")
     ex.add_argument("--seed", type=int, default=2)
     ex.add_argument("--resume", action="store_true")
     ex.add_argument("--threads", type=int, default=1)

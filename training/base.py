@@ -123,7 +123,7 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
                        hard_negative_share: float = 0.0, prompts_per_image: int = 4, images_per_step: int = 8,
                        train_text_projection: bool = False, presence_gated_cls: bool = False,
                        presence_weight: float = LossWeights.presence, colour_distractor_share: float = 0.0,
-                       device: Device = Device()) -> None:
+                       shape_prompt_share: float = 0.0, device: Device = Device()) -> None:
     """Teach a trained base model exemplar (box) prompts, keeping its text prompts.
 
     The base run trains the geometry encoder only through its CLS token (text-only prompts);
@@ -141,7 +141,8 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     of the exported text graph, so nothing changes for the runtime).
     ``presence_gated_cls`` is Meta's objective: no query classification loss on absent prompts;
     ``presence_weight`` weighs the presence token's loss; ``colour_distractor_share`` of the
-    unknown-word prompts pair a known colour with an unknown word.
+    unknown-word prompts pair a known colour with an unknown word; ``shape_prompt_share`` of the
+    present prompts name a shape alone (the one with the most objects).
     """
     from export.checkpoints import load_checkpoint
 
@@ -156,7 +157,8 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     image_size, mask_size = model_dims(model)
     data = DataOptions(image_size=image_size, mask_size=mask_size, seed=seed, exemplar_share=exemplar_share,
                        hard_negative_share=hard_negative_share, prompts_per_image=prompts_per_image,
-                       images_per_step=images_per_step, colour_distractor_share=colour_distractor_share)
+                       images_per_step=images_per_step, colour_distractor_share=colour_distractor_share,
+                       shape_prompt_share=shape_prompt_share)
     config = TrainConfig(steps=steps, lr=lr, warmup=min(50, max(steps // 10, 1)), threads=threads)
     frozen: tuple[str, ...] = ("text_encoder.",) if train_text_projection else FROZEN_TEXT
     for name, param in model.named_parameters():
@@ -177,6 +179,7 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
                    + (" --presence-gated-cls" if presence_gated_cls else "")
                    + (f" --presence-weight {presence_weight:g}" if presence_weight != LossWeights.presence else "")
                    + (f" --colour-distractors {colour_distractor_share}" if colour_distractor_share else "")
+                   + (f" --shape-prompts {shape_prompt_share}" if shape_prompt_share else "")
                    + ("" if device.name == "cpu" else f" --device {device.name}"),
         "train_config": asdict(config), "data": asdict(data), "loss": asdict(weights), "frozen": list(frozen),
         "device": asdict(device),

@@ -11,6 +11,7 @@ so training sees exactly what the served model sees.
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -60,6 +61,10 @@ class DataOptions:
     # hexagon", "red car"): whole unknown words alone never teach that a known colour is not
     # enough ("blue star", never trained on, gets answers).
     colour_distractor_share: float = 0.0
+    # Share of present prompts that name a shape alone, the one with the most objects ("circle"
+    # over four circles): shape-only prompts hold half the objects, yet a scene offers one shape
+    # prompt beside several colour+shape ones, and recall falls with the objects a prompt names.
+    shape_prompt_share: float = 0.0
 
 
 @dataclass
@@ -130,7 +135,7 @@ def distractor(rng: np.random.Generator, shapes: Sequence[str], colour_share: fl
 
 def sample_prompts(scene: Scene, rng: np.random.Generator, count: int, shapes: Sequence[str],
                    present_share: float, hard_negative_share: float = 0.0,
-                   colour_distractor_share: float = 0.0) -> list[str]:
+                   colour_distractor_share: float = 0.0, shape_prompt_share: float = 0.0) -> list[str]:
     vocab = vocabulary(shapes)
     present = sorted({obj.category for obj in scene.objects} | {obj.shape for obj in scene.objects})
     absent = [p for p in vocab if p not in present]
@@ -139,10 +144,22 @@ def sample_prompts(scene: Scene, rng: np.random.Generator, count: int, shapes: S
     rng.shuffle(absent)
     if hard:  # no draw otherwise: runs without hard negatives keep their batches
         rng.shuffle(hard)
+    per_shape = Counter(obj.shape for obj in scene.objects)
+
+    def next_present() -> str:
+        # no draw without the option: earlier runs keep their batches
+        if shape_prompt_share and rng.random() < shape_prompt_share:
+            shape_only = [p for p in present if p in per_shape]
+            if shape_only:
+                prompt = max(shape_only, key=per_shape.__getitem__)
+                present.remove(prompt)
+                return prompt
+        return present.pop()
+
     chosen: list[str] = []
     for _ in range(count):
         if present and (rng.random() < present_share or not absent):
-            chosen.append(present.pop())
+            chosen.append(next_present())
         elif hard and rng.random() < hard_negative_share:
             prompt = hard.pop()
             absent.remove(prompt)
@@ -173,7 +190,8 @@ def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> B
         small = [cv2.resize(obj.mask.astype(np.float32), (options.mask_size, options.mask_size),
                             interpolation=cv2.INTER_AREA) for obj in scene.objects]
         for prompt in sample_prompts(scene, rng, options.prompts_per_image, options.shapes, options.present_share,
-                                     options.hard_negative_share, options.colour_distractor_share):
+                                     options.hard_negative_share, options.colour_distractor_share,
+                                     options.shape_prompt_share):
             hits = scene.matching(prompt)
             exemplar = None
             if options.exemplar_share and hits and rng.random() < options.exemplar_share:

@@ -345,6 +345,37 @@ def test_colour_distractors_pair_a_known_colour_with_an_unknown_word() -> None:
         assert colour in COLOURS and noun in UNKNOWN_NOUNS and noun not in BASE_SHAPES
 
 
+def test_shape_prompts_favour_the_shape_with_the_most_objects() -> None:
+    """Opt-in: with a share of 0 the prompts are drawn exactly as before; with 1 every present
+    prompt names a shape alone while one is left, the most populous shape first."""
+    from collections import Counter
+
+    import numpy as np
+
+    from scenes.generator import BASE_SHAPES, generate_scene
+    from training.data import sample_prompts, scene_seed
+
+    shape_only = {"plain": 0, "favoured": 0}
+    for index in range(30):
+        scene = generate_scene(scene_seed(0, 0, index, 30))
+        per_shape = Counter(obj.shape for obj in scene.objects)
+        present = per_shape.keys() | {obj.category for obj in scene.objects}
+
+        def draw(*share: float) -> list[str]:
+            return sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.4, 0.5, 0.0, *share)
+
+        plain = draw()
+        assert plain == draw(0.0)
+        favoured = draw(1.0)
+        assert len(set(favoured)) == len(favoured)
+        picked = [p for p in favoured if p in present]
+        counts = [per_shape[p] for p in picked[:len(per_shape)]]
+        assert all(counts) and counts == sorted(counts, reverse=True) and counts[0] == max(per_shape.values())
+        shape_only["plain"] += sum(p in per_shape for p in plain)
+        shape_only["favoured"] += sum(p in per_shape for p in favoured)
+    assert shape_only["favoured"] > shape_only["plain"]
+
+
 def test_several_workers_deliver_the_steps_in_order(tmp_path) -> None:
     from training.data import BatchStream
 
