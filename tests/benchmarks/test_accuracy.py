@@ -18,16 +18,17 @@ from engines.bundle import Bundle, sha256_file, write_manifest
 from scenes.coco import write_scene_dataset
 from scenes.generator import generate_scene
 
-# The recall/precision goals (>= 0.9) are NOT met by the shipped model (benchmarks/results/
-# accuracy.md: mask AP 70.0, recall 0.78, precision 0.88, absent prompts answered 2.0 % on 200
-# scenes). These bounds guard what it does reach, a little below the measured figures, so a
-# regression (or a broken export, threshold, presence gating, upsampling or RLE) fails them;
-# raise them with the model. The absent rate keeps a wide bound: on 20 scenes it moves by
-# whole prompts (measured 3.2 %: 10 of 308).
-BOUNDS = {"ap": 69.0, "ap50": 85.0, "mean_iou": 0.85, "absent_with_detection": 0.07}  # measured: 75.3, 91.1, 0.892, 0.033
-# One box per kind, no text (measured on the same 20 scenes: AP 79.0, AP50 93.1; the base model
+# The recall goal (>= 0.9) is NOT met by the shipped model (benchmarks/results/accuracy.md:
+# mask AP 73.6, recall 0.83, precision 0.91, absent prompts answered 1.2 % on 200 scenes). These
+# bounds guard what it does reach, a little below the measured figures, so a regression (or a
+# broken export, threshold, presence gating, upsampling or RLE) fails them; raise them with the
+# model. The absent rate keeps a wide bound: on 20 scenes it moves by whole prompts (measured
+# 1.6 %: 5 of 308).
+BOUNDS = {"ap": 74.0, "ap50": 90.0, "precision": 0.9, "recall": 0.82, "mean_iou": 0.85,
+          "absent_with_detection": 0.05}  # measured: 80.2, 96.6, 0.945, 0.867, 0.894, 0.016
+# One box per kind, no text (measured on the same 20 scenes: AP 81.2, AP50 95.7; the base model
 # before its exemplar fine-tunes: AP 0.4 on 50 scenes).
-EXEMPLAR_BOUNDS = {"ap": 73.0, "ap50": 87.0}
+EXEMPLAR_BOUNDS = {"ap": 75.0, "ap50": 89.0}
 
 
 def bound_failures(overall: dict) -> list[str]:
@@ -206,15 +207,15 @@ def test_served_model_answers_as_the_pipeline(shapes_bundle, heldout, tmp_path) 
 
 
 def test_star_adapter_finds_the_stars_the_base_misses(shapes_bundle, star_bundle, star_scenes) -> None:
-    """The LoRA merged at export teaches 'star' (measured on 200 scenes: star mask AP 2.6 -> 50.8,
-    recall 0.004 -> 0.73; on these 20: 7.1 -> 55.8, recall 0 -> 0.72; the goal of recall >= 0.85
-    is missed with the rest of the model's goals). The base model answers "star" with nothing at the
-    threshold; its AP is not 0 because its queries outline stars as objects, at low scores."""
+    """The LoRA merged at export teaches 'star' (measured on 200 scenes: star mask AP 0.6 -> 55.9,
+    recall 0 -> 0.80; on these 20: 0.0 -> 61.2, recall 0 -> 0.76; the goal of recall >= 0.85
+    is missed). The base model answers "star" with nothing at the threshold; its AP can be above 0
+    because its queries outline stars as objects, at low scores."""
     dataset = load_dataset(star_scenes)
     base = evaluate(pipeline_segmenter(shapes_bundle, "onnxruntime")[0], dataset)["groups"]["star"]
     merged = evaluate(pipeline_segmenter(star_bundle, "onnxruntime")[0], dataset)["groups"]["star"]
     assert base["true_positives"] == 0 and base["ap"] <= 15.0, base
-    assert merged["ap"] >= base["ap"] + 25.0 and merged["recall"] >= 0.45, (base, merged)
+    assert merged["ap"] >= base["ap"] + 40.0 and merged["recall"] >= 0.6, (base, merged)
     manifest = Bundle(star_bundle).manifest
     assert "star" in manifest.card["vocabulary"] and manifest.source.loras
     assert manifest.part("image_encoder").weights_sha256 == Bundle(shapes_bundle).part("image_encoder").weights_sha256
