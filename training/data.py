@@ -133,13 +133,13 @@ def distractor(rng: np.random.Generator, shapes: Sequence[str], colour_share: fl
     return str(rng.choice(DISTRACTORS))
 
 
-def sample_prompts(scene: Scene, rng: np.random.Generator, count: int, shapes: Sequence[str],
-                   present_share: float, hard_negative_share: float = 0.0,
-                   colour_distractor_share: float = 0.0, shape_prompt_share: float = 0.0) -> list[str]:
+def sample_prompts(scene: Scene, rng: np.random.Generator, options: DataOptions) -> list[str]:
+    """``options.prompts_per_image`` prompts for ``scene`` in the mix its shares ask for."""
+    shapes = options.shapes
     vocab = vocabulary(shapes)
     present = sorted({obj.category for obj in scene.objects} | {obj.shape for obj in scene.objects})
     absent = [p for p in vocab if p not in present]
-    hard = hard_negatives(scene, shapes) if hard_negative_share else []
+    hard = hard_negatives(scene, shapes) if options.hard_negative_share else []
     rng.shuffle(present)
     rng.shuffle(absent)
     if hard:  # no draw otherwise: runs without hard negatives keep their batches
@@ -148,7 +148,7 @@ def sample_prompts(scene: Scene, rng: np.random.Generator, count: int, shapes: S
 
     def next_present() -> str:
         # no draw without the option: earlier runs keep their batches
-        if shape_prompt_share and rng.random() < shape_prompt_share:
+        if options.shape_prompt_share and rng.random() < options.shape_prompt_share:
             shape_only = [p for p in present if p in per_shape]
             if shape_only:
                 prompt = max(shape_only, key=per_shape.__getitem__)
@@ -157,22 +157,22 @@ def sample_prompts(scene: Scene, rng: np.random.Generator, count: int, shapes: S
         return present.pop()
 
     chosen: list[str] = []
-    for _ in range(count):
-        if present and (rng.random() < present_share or not absent):
+    for _ in range(options.prompts_per_image):
+        if present and (rng.random() < options.present_share or not absent):
             chosen.append(next_present())
-        elif hard and rng.random() < hard_negative_share:
+        elif hard and rng.random() < options.hard_negative_share:
             prompt = hard.pop()
             absent.remove(prompt)
             chosen.append(prompt)
         elif rng.random() < DISTRACTOR_SHARE:
-            chosen.append(distractor(rng, shapes, colour_distractor_share))
+            chosen.append(distractor(rng, shapes, options.colour_distractor_share))
         elif absent:
             prompt = absent.pop()
             if prompt in hard:
                 hard.remove(prompt)
             chosen.append(prompt)
         else:
-            chosen.append(distractor(rng, shapes, colour_distractor_share))
+            chosen.append(distractor(rng, shapes, options.colour_distractor_share))
     return chosen
 
 
@@ -189,9 +189,7 @@ def make_batch(options: DataOptions, step: int, tokenizer: PromptTokenizer) -> B
         scale = np.asarray([width, height, width, height], dtype=np.float32)
         small = [cv2.resize(obj.mask.astype(np.float32), (options.mask_size, options.mask_size),
                             interpolation=cv2.INTER_AREA) for obj in scene.objects]
-        for prompt in sample_prompts(scene, rng, options.prompts_per_image, options.shapes, options.present_share,
-                                     options.hard_negative_share, options.colour_distractor_share,
-                                     options.shape_prompt_share):
+        for prompt in sample_prompts(scene, rng, options):
             hits = scene.matching(prompt)
             exemplar = None
             if options.exemplar_share and hits and rng.random() < options.exemplar_share:

@@ -317,7 +317,8 @@ def test_hard_negatives_are_absent_prompts_one_word_from_an_object() -> None:
             words = prompt.split()
             assert len(words) == 1 or any(o.colour == words[0] or o.shape == words[1] for o in scene.objects)
         # drawn as absent prompts, never twice, never a present one
-        chosen = sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.3, 1.0)
+        mix = dataclasses.replace(TINY, prompts_per_image=8, present_share=0.3, hard_negative_share=1.0)
+        chosen = sample_prompts(scene, np.random.default_rng(index), mix)
         assert len(set(chosen)) == len(chosen)
         assert set(chosen) - present <= set(hard)
 
@@ -334,9 +335,12 @@ def test_colour_distractors_pair_a_known_colour_with_an_unknown_word() -> None:
     paired = []
     for index in range(30):
         scene = generate_scene(scene_seed(0, 0, index, 30))
-        plain = sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.3, 0.5)
-        assert plain == sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.3, 0.5, 0.0)
-        coloured = sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.3, 0.5, 1.0)
+        mix = dataclasses.replace(TINY, prompts_per_image=8, present_share=0.3, hard_negative_share=0.5)
+        plain = sample_prompts(scene, np.random.default_rng(index), mix)
+        assert plain == sample_prompts(scene, np.random.default_rng(index),
+                                       dataclasses.replace(mix, colour_distractor_share=0.0))
+        coloured = sample_prompts(scene, np.random.default_rng(index),
+                                  dataclasses.replace(mix, colour_distractor_share=1.0))
         assert not set(coloured) & set(DISTRACTORS)
         paired += [p for p in coloured if p not in vocab]
     assert len(paired) >= 5
@@ -352,7 +356,7 @@ def test_shape_prompts_favour_the_shape_with_the_most_objects() -> None:
 
     import numpy as np
 
-    from scenes.generator import BASE_SHAPES, generate_scene
+    from scenes.generator import generate_scene
     from training.data import sample_prompts, scene_seed
 
     shape_only = {"plain": 0, "favoured": 0}
@@ -361,12 +365,13 @@ def test_shape_prompts_favour_the_shape_with_the_most_objects() -> None:
         per_shape = Counter(obj.shape for obj in scene.objects)
         present = per_shape.keys() | {obj.category for obj in scene.objects}
 
-        def draw(*share: float) -> list[str]:
-            return sample_prompts(scene, np.random.default_rng(index), 8, BASE_SHAPES, 0.4, 0.5, 0.0, *share)
+        def draw(**share: float) -> list[str]:
+            mix = dataclasses.replace(TINY, prompts_per_image=8, present_share=0.4, hard_negative_share=0.5, **share)
+            return sample_prompts(scene, np.random.default_rng(index), mix)
 
         plain = draw()
-        assert plain == draw(0.0)
-        favoured = draw(1.0)
+        assert plain == draw(shape_prompt_share=0.0)
+        favoured = draw(shape_prompt_share=1.0)
         assert len(set(favoured)) == len(favoured)
         picked = [p for p in favoured if p in present]
         counts = [per_shape[p] for p in picked[:len(per_shape)]]
