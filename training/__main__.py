@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # torch is imported by the command that runs, not by --help
+    from training.base import ExemplarStage
 
 
 def cmd_base(args: argparse.Namespace) -> int:
@@ -29,17 +32,23 @@ def cmd_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def exemplar_stage(args: argparse.Namespace) -> ExemplarStage:
+    """The ``exemplars`` command's options as the stage recipe (training.base.ExemplarStage)."""
+    from training.base import ExemplarStage
+
+    return ExemplarStage(steps=args.steps, lr=args.lr, seed=args.seed, exemplar_share=args.exemplar_share,
+                         aux_copies=args.aux_copies, hard_negative_share=args.hard_negatives,
+                         prompts_per_image=args.prompts, images_per_step=args.images,
+                         train_text_projection=args.train_text_projection,
+                         presence_gated_cls=args.presence_gated_cls, presence_weight=args.presence_weight,
+                         colour_distractor_share=args.colour_distractors, shape_prompt_share=args.shape_prompts)
+
+
 def cmd_exemplars(args: argparse.Namespace) -> int:
     from training.base import finetune_exemplars
 
-    finetune_exemplars(Path(args.base), Path(args.out or args.base), steps=args.steps, seed=args.seed,
-                       resume=args.resume, lr=args.lr, exemplar_share=args.exemplar_share,
-                       aux_copies=args.aux_copies, threads=args.threads, hard_negative_share=args.hard_negatives,
-                       prompts_per_image=args.prompts, images_per_step=args.images,
-                       train_text_projection=args.train_text_projection,
-                       presence_gated_cls=args.presence_gated_cls, presence_weight=args.presence_weight,
-                       colour_distractor_share=args.colour_distractors,
-                       shape_prompt_share=args.shape_prompts, device=device_from(args))
+    finetune_exemplars(Path(args.base), Path(args.out or args.base), exemplar_stage(args), resume=args.resume,
+                       threads=args.threads, device=device_from(args))
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -118,23 +118,10 @@ def write_checkpoint(model, out: Path, card: dict, log: Path, extra_files: Seque
     print(f"wrote {out}")
 
 
-def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: bool, lr: float,
-                       exemplar_share: float, aux_copies: int = 3, threads: int = 1,
-                       hard_negative_share: float = 0.0, prompts_per_image: int = 4, images_per_step: int = 8,
-                       train_text_projection: bool = False, presence_gated_cls: bool = False,
-                       presence_weight: float = LossWeights.presence, colour_distractor_share: float = 0.0,
-                       shape_prompt_share: float = 0.0, device: Device = Device()) -> None:
-    """Teach a trained base model exemplar (box) prompts, keeping its text prompts.
-
-    The base run trains the geometry encoder only through its CLS token (text-only prompts);
-    here half of the present prompts also carry a box around one of their objects, and half of
-    those drop the text ("visual": everything of the boxed object's colour and shape), as SAM3
-    mixes text, exemplar and text+exemplar prompts. Every weight but the frozen text side learns,
-    at a lower rate, on batches that still hold text-only and absent prompts.
-
-    The intermediate decoder layers match each object to ``aux_copies`` queries (the last layer
-    one), for more positives per step in a short run. Stages stack: run on a model that already
-    had one, this is stage 2 (its own work directory, loss log and entry in the model card).
+@dataclass(frozen=True)
+class ExemplarStage:
+    """One fine-tuning stage's recipe: the CLI's defaults, the run's data and loss options, and
+    the command that reproduces it (written to the model card) all come from these fields.
 
     ``hard_negative_share`` of the absent prompts name a near miss of an object in the image;
     ``train_text_projection`` lets the linear map after the frozen text encoder learn (it is part
@@ -143,6 +130,69 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     ``presence_weight`` weighs the presence token's loss; ``colour_distractor_share`` of the
     unknown-word prompts pair a known colour with an unknown word; ``shape_prompt_share`` of the
     present prompts name a shape alone (the one with the most objects).
+    """
+
+    steps: int = 400
+    lr: float = 1.5e-4
+    seed: int = 2
+    exemplar_share: float = 0.5
+    aux_copies: int = 3
+    hard_negative_share: float = 0.0
+    prompts_per_image: int = 4
+    images_per_step: int = 8
+    train_text_projection: bool = False
+    presence_gated_cls: bool = False
+    presence_weight: float = LossWeights.presence
+    colour_distractor_share: float = 0.0
+    shape_prompt_share: float = 0.0
+
+    def data_options(self, image_size: int, mask_size: int) -> DataOptions:
+        return DataOptions(image_size=image_size, mask_size=mask_size, seed=self.seed,
+                           exemplar_share=self.exemplar_share, hard_negative_share=self.hard_negative_share,
+                           prompts_per_image=self.prompts_per_image, images_per_step=self.images_per_step,
+                           colour_distractor_share=self.colour_distractor_share,
+                           shape_prompt_share=self.shape_prompt_share)
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(aux_copies=self.aux_copies, presence_gated_cls=self.presence_gated_cls,
+                           presence=self.presence_weight)
+
+    def command(self, base: Path, out: Path, device: Device = Device()) -> str:
+        """``python -m training exemplars ...`` for this stage; options at their defaults are
+        left out but for the ones every stage states, and ``--out`` when it rewrites ``base``."""
+        default = ExemplarStage()
+        flags = [f"--base {base}"] + ([] if out == base else [f"--out {out}"]) + [
+            f"--steps {self.steps}", f"--lr {self.lr}", f"--exemplar-share {self.exemplar_share}",
+            f"--aux-copies {self.aux_copies}", f"--seed {self.seed}"]
+        optional = [
+            (self.hard_negative_share != default.hard_negative_share, f"--hard-negatives {self.hard_negative_share}"),
+            (self.prompts_per_image != default.prompts_per_image, f"--prompts {self.prompts_per_image}"),
+            (self.images_per_step != default.images_per_step, f"--images {self.images_per_step}"),
+            (self.train_text_projection, "--train-text-projection"),
+            (self.presence_gated_cls, "--presence-gated-cls"),
+            (self.presence_weight != default.presence_weight, f"--presence-weight {self.presence_weight:g}"),
+            (self.colour_distractor_share != default.colour_distractor_share,
+             f"--colour-distractors {self.colour_distractor_share}"),
+            (self.shape_prompt_share != default.shape_prompt_share, f"--shape-prompts {self.shape_prompt_share}"),
+            (device.name != "cpu", f"--device {device.name}"),
+        ]
+        flags += [flag for wanted, flag in optional if wanted]
+        return "python -m training exemplars " + " ".join(flags)
+
+
+def finetune_exemplars(base: Path, out: Path, stage: ExemplarStage, *, resume: bool, threads: int = 1,
+                       device: Device = Device()) -> None:
+    """Teach a trained base model exemplar (box) prompts, keeping its text prompts.
+
+    The base run trains the geometry encoder only through its CLS token (text-only prompts);
+    here half of the present prompts also carry a box around one of their objects, and half of
+    those drop the text ("visual": everything of the boxed object's colour and shape), as SAM3
+    mixes text, exemplar and text+exemplar prompts. Every weight but the frozen text side learns,
+    at a lower rate, on batches that still hold text-only and absent prompts.
+
+    The intermediate decoder layers match each object to ``stage.aux_copies`` queries (the last
+    layer one), for more positives per step in a short run. Stages stack: run on a model that
+    already had one, this is stage 2 (its own work directory, loss log and entry in the model card).
     """
     from export.checkpoints import load_checkpoint
 
@@ -155,38 +205,25 @@ def finetune_exemplars(base: Path, out: Path, *, steps: int, seed: int, resume: 
     suffix = "" if number == 1 else f"_{number}"
     model = load_checkpoint(base).model.float()
     image_size, mask_size = model_dims(model)
-    data = DataOptions(image_size=image_size, mask_size=mask_size, seed=seed, exemplar_share=exemplar_share,
-                       hard_negative_share=hard_negative_share, prompts_per_image=prompts_per_image,
-                       images_per_step=images_per_step, colour_distractor_share=colour_distractor_share,
-                       shape_prompt_share=shape_prompt_share)
-    config = TrainConfig(steps=steps, lr=lr, warmup=min(50, max(steps // 10, 1)), threads=threads)
-    frozen: tuple[str, ...] = ("text_encoder.",) if train_text_projection else FROZEN_TEXT
+    data = stage.data_options(image_size, mask_size)
+    config = TrainConfig(steps=stage.steps, lr=stage.lr, warmup=min(50, max(stage.steps // 10, 1)), threads=threads)
+    frozen: tuple[str, ...] = ("text_encoder.",) if stage.train_text_projection else FROZEN_TEXT
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(frozen))
     work = out.with_name(out.name + f".exemplars{suffix}.work")
-    weights = LossWeights(aux_copies=aux_copies, presence_gated_cls=presence_gated_cls, presence=presence_weight)
+    weights = stage.loss_weights()
     train(model, [p for p in model.parameters() if p.requires_grad], config, data, work, resume=resume,
           weights=weights, device=device)
     card["exemplar_boxes"] = True
     log_name = f"train_log_exemplars{suffix}.jsonl"
     stages.append({
-        "command": f"python -m training exemplars --base {base} --out {out} --steps {steps} --lr {lr} "
-                   f"--exemplar-share {exemplar_share} --aux-copies {aux_copies} --seed {seed}"
-                   + (f" --hard-negatives {hard_negative_share}" if hard_negative_share else "")
-                   + (f" --prompts {prompts_per_image}" if prompts_per_image != 4 else "")
-                   + (f" --images {images_per_step}" if images_per_step != 8 else "")
-                   + (" --train-text-projection" if train_text_projection else "")
-                   + (" --presence-gated-cls" if presence_gated_cls else "")
-                   + (f" --presence-weight {presence_weight:g}" if presence_weight != LossWeights.presence else "")
-                   + (f" --colour-distractors {colour_distractor_share}" if colour_distractor_share else "")
-                   + (f" --shape-prompts {shape_prompt_share}" if shape_prompt_share else "")
-                   + ("" if device.name == "cpu" else f" --device {device.name}"),
+        "command": stage.command(base, out, device),
         "train_config": asdict(config), "data": asdict(data), "loss": asdict(weights), "frozen": list(frozen),
         "device": asdict(device),
         "log": log_name,
     })
     card["exemplar_fine_tunes"] = stages
     log = base / "train_log.jsonl"
-    logs = [base / str(stage.get("log", "train_log_exemplars.jsonl")) for stage in stages[:-1]]
+    logs = [base / str(earlier.get("log", "train_log_exemplars.jsonl")) for earlier in stages[:-1]]
     write_checkpoint(model, out, card, log if log.is_file() else work / "train_log.jsonl", extra_files=logs)
     shutil.copy(work / "train_log.jsonl", out / log_name)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from export.split import reference_forward
+from tests.conftest import SHAPES_MODEL
 from training.data import DISTRACTORS, DataOptions, make_batch, training_tokenizer
 from training.forward import forward_train
 from training.losses import LossWeights, Targets, detection_loss, hungarian_match
@@ -243,6 +244,40 @@ def test_exemplar_fine_tune_rewrites_the_model_in_place_and_says_so_in_its_card(
     for flag in ("--lr 0.0003", "--aux-copies 1", "--hard-negatives 0.7", "--presence-gated-cls", "--presence-weight 8"):
         assert flag in second["command"], (flag, second["command"])
     assert (model_dir / "train_log_exemplars.jsonl").is_file() and (model_dir / "train_log_exemplars_2.jsonl").is_file()
+
+
+def test_exemplar_cli_defaults_are_the_stage_recipe_defaults() -> None:
+    """The CLI states its defaults as literals (so --help needs no torch); they must be the recipe's."""
+    from training.__main__ import build_parser, exemplar_stage
+    from training.base import ExemplarStage
+
+    assert exemplar_stage(build_parser().parse_args(["exemplars"])) == ExemplarStage()
+
+
+def test_shipped_stage_commands_rebuild_from_their_recipe() -> None:
+    """Each stage command in the demo model's card, parsed by the CLI, renders back to itself:
+    the card says exactly how to reproduce the stage (the first two used an older form)."""
+    from training.__main__ import build_parser, exemplar_stage
+    from training.base import MODEL_CARD
+
+    stages = json.loads((SHAPES_MODEL / MODEL_CARD).read_text())["exemplar_fine_tunes"]
+    assert len(stages) >= 8
+    for stage in stages[2:]:
+        args = build_parser().parse_args(stage["command"].split()[3:])
+        base = Path(args.base)
+        assert exemplar_stage(args).command(base, Path(args.out or base)) == stage["command"]
+
+
+def test_stage_command_names_its_output_and_device_only_when_they_differ() -> None:
+    from training.base import ExemplarStage
+    from training.trainer import Device
+
+    stage = ExemplarStage(steps=10, shape_prompt_share=0.7, presence_weight=8.0)
+    in_place = stage.command(Path("models/shapes"), Path("models/shapes"))
+    assert "--out" not in in_place and "--device" not in in_place
+    assert in_place.endswith("--presence-weight 8 --shape-prompts 0.7")
+    elsewhere = stage.command(Path("models/shapes"), Path("runs/k1"), Device(name="cuda"))
+    assert "--out runs/k1" in elsewhere and elsewhere.endswith("--device cuda")
 
 
 def _per_prompt_reference_loss(out, targets: Targets, weights: LossWeights) -> dict[str, torch.Tensor]:
