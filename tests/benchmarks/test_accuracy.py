@@ -19,16 +19,16 @@ from scenes.coco import write_scene_dataset
 from scenes.generator import generate_scene
 
 # The recall goal (>= 0.9) is NOT met by the shipped model (benchmarks/results/accuracy.md:
-# mask AP 73.6, recall 0.83, precision 0.91, absent prompts answered 1.2 % on 200 scenes). These
+# mask AP 74.5, recall 0.84, precision 0.93, absent prompts answered 0.4 % on 200 scenes). These
 # bounds guard what it does reach, a little below the measured figures, so a regression (or a
 # broken export, threshold, presence gating, upsampling or RLE) fails them; raise them with the
 # model. The absent rate keeps a wide bound: on 20 scenes it moves by whole prompts (measured
-# 1.6 %: 5 of 308).
-BOUNDS = {"ap": 74.0, "ap50": 90.0, "precision": 0.9, "recall": 0.82, "mean_iou": 0.85,
-          "absent_with_detection": 0.05}  # measured: 80.2, 96.6, 0.945, 0.867, 0.894, 0.016
-# One box per kind, no text (measured on the same 20 scenes: AP 81.2, AP50 95.7; the base model
+# 0.3 %: 1 of 308).
+BOUNDS = {"ap": 76.0, "ap50": 92.0, "precision": 0.92, "recall": 0.83, "mean_iou": 0.85,
+          "absent_with_detection": 0.05}  # measured: 81.7, 97.4, 0.957, 0.854, 0.898, 0.003
+# One box per kind, no text (measured on the same 20 scenes: AP 82.9, AP50 96.6; the base model
 # before its exemplar fine-tunes: AP 0.4 on 50 scenes).
-EXEMPLAR_BOUNDS = {"ap": 75.0, "ap50": 89.0}
+EXEMPLAR_BOUNDS = {"ap": 77.0, "ap50": 91.0}
 
 
 def bound_failures(overall: dict) -> list[str]:
@@ -207,15 +207,15 @@ def test_served_model_answers_as_the_pipeline(shapes_bundle, heldout, tmp_path) 
 
 
 def test_star_adapter_finds_the_stars_the_base_misses(shapes_bundle, star_bundle, star_scenes) -> None:
-    """The LoRA merged at export teaches 'star' (measured on 200 scenes: star mask AP 0.6 -> 55.9,
-    recall 0 -> 0.80; on these 20: 0.0 -> 61.2, recall 0 -> 0.76; the goal of recall >= 0.85
-    is missed). The base model answers "star" with nothing at the threshold; its AP can be above 0
+    """The LoRA merged at export teaches 'star' (measured on 200 scenes: star mask AP 0.1 -> 59.4,
+    recall 0 -> 0.865, the goal of recall >= 0.85 met; on these 20: 0.0 -> 62.2, recall 0 ->
+    0.93). The base model answers "star" with nothing at the threshold; its AP can be above 0
     because its queries outline stars as objects, at low scores."""
     dataset = load_dataset(star_scenes)
     base = evaluate(pipeline_segmenter(shapes_bundle, "onnxruntime")[0], dataset)["groups"]["star"]
     merged = evaluate(pipeline_segmenter(star_bundle, "onnxruntime")[0], dataset)["groups"]["star"]
     assert base["true_positives"] == 0 and base["ap"] <= 15.0, base
-    assert merged["ap"] >= base["ap"] + 40.0 and merged["recall"] >= 0.6, (base, merged)
+    assert merged["ap"] >= base["ap"] + 40.0 and merged["recall"] >= 0.75, (base, merged)
     manifest = Bundle(star_bundle).manifest
     assert "star" in manifest.card["vocabulary"] and manifest.source.loras
     assert manifest.part("image_encoder").weights_sha256 == Bundle(shapes_bundle).part("image_encoder").weights_sha256
