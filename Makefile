@@ -55,8 +55,8 @@ test-slow: venv
 # token (two threads), ~100 min more of the same with the presence loss x4 (3200 steps), ~77 min
 # more with the text projection learning (2800 steps), ~81 min more of the same, ~72 min more with
 # 4 x 8 batches, shape-only prompts first and colour distractors, ~77 min more with every image's
-# shapes always asked alone before its colour+shape prompts; the star LoRA ~15 min. About 10.2 h in all: more than the
-# ~3 h once aimed at, for mask AP 30.8 -> 73.4 on the validation split.
+# shapes always asked alone before its colour+shape prompts; the star LoRA ~15 min. About 10.2 h
+# in all: more than the ~3 h once aimed at, for mask AP 30.8 -> 73.4 on the validation split.
 # Each stage takes --resume. DEVICE=cuda runs them on a GPU (bf16 autocast, 6 scene workers).
 DEVICE ?= cpu
 TRAIN := $(PY) -m training
